@@ -1,0 +1,57 @@
+"""The `streamer` command: thin argument parsing that calls into the package.
+
+Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from streamer import __version__
+from streamer.config import Config, ConfigError, load_config, redacted, secret_values, to_toml
+from streamer.observability import configure_logging
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamer", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"streamer {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("--config", metavar="PATH", help="config.toml (default: $STREAMER_CONFIG)")
+        return sub
+
+    run = command("run", "run the daemon")
+    run.add_argument(
+        "--dev-mongo",
+        action="store_true",
+        help="start a throwaway local replica set (needs the dev extra) unless "
+        "STREAMER_MONGO__URI is set",
+    )
+    command("config", "print the effective configuration, secrets redacted")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"streamer: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "config":
+        sys.stdout.write(to_toml(redacted(config)))
+        return EXIT_OK
+    configure_logging(config.log, secret_values(config))
+    return _run(config, dev_mongo=args.dev_mongo)
+
+
+def _run(config: Config, dev_mongo: bool) -> int:
+    from streamer import app
+
+    return app.main(config, dev_mongo=dev_mongo)

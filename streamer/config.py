@@ -1,0 +1,325 @@
+"""config.toml → one typed, frozen `Config`, with env overrides and redaction.
+
+Every key has a typed default, so the daemon runs with no file at all. A file or
+an environment variable `STREAMER_<SECTION>__<KEY>` overrides it; a value of the
+wrong type or a key nobody reads is an error that names the key, where it came
+from and what was expected, because a silently ignored typo in an operator's
+config is a notification nobody receives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+
+from streamer.model import Settings
+
+ENV_PREFIX = "STREAMER_"
+CONFIG_PATH_ENV = "STREAMER_CONFIG"
+REDACTED = "***"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+def _secret(default: Any = None) -> Any:
+    return field(default=default, metadata={"secret": True})
+
+
+@dataclass(frozen=True, slots=True)
+class MongoConfig:
+    uri: str = field(
+        default="mongodb://127.0.0.1:27017/?replicaSet=rs0", metadata={"secret_uri": True}
+    )
+    database: str = "rocketchat"
+    queue_collection: str = "streamer_queue"
+    state_collection: str = "streamer_state"
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    delay_online: float = 120.0
+    delay_away: float = 120.0
+    delay_offline: float = 0.0
+    clear_on_read: Literal["user", "room"] = "user"
+    reschedule_on_presence: bool = True
+    always_notify_mobile: bool = False
+    #: Entries older than this are dropped, like Rocket.Chat's 2 h queue TTL.
+    max_age: float = 7200.0
+    #: How long an instance owns an entry it took for delivery before another may.
+    lease_seconds: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class RulesConfig:
+    busy_blocks_push: bool = True
+    #: Unset: use the Notifications_Max_Room_Members setting.
+    max_room_members: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    mode: Literal["gateway", "direct"] = "gateway"
+    #: Unset: use the Push_gateway setting (every line, in order).
+    gateway_urls: tuple[str, ...] | None = None
+    #: Requests in flight; a gateway ~50-100 ms away needs hundreds (Sygnal caps at 512).
+    concurrency: int = 256
+    timeout: float = 10.0
+    give_up_after: float = 3600.0
+    retry_initial: float = 1.0
+    retry_max: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class FcmConfig:
+    project_id: str | None = None
+    service_account_file: str | None = None
+    base_url: str = "https://fcm.googleapis.com"
+    #: Unset: the token_uri from the service-account file.
+    token_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApnsConfig:
+    key_file: str | None = None
+    key_id: str | None = None
+    team_id: str | None = None
+    #: Unset: the token's appName.
+    topic: str | None = None
+    #: Unset: production or sandbox by the Push_production setting.
+    base_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EmailConfig:
+    enabled: bool = True
+    #: Unset SMTP keys fall back to Rocket.Chat's SMTP_* settings.
+    host: str | None = None
+    port: int | None = None
+    username: str | None = None
+    password: str | None = _secret()
+    security: Literal["none", "starttls", "tls"] | None = None
+    from_address: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    listen: str = "127.0.0.1:9464"
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class AppConfig:
+    shutdown_grace: float = 10.0
+    #: Unset: hostname and pid; names this instance's leases in the queue.
+    instance_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    mongo: MongoConfig = MongoConfig()
+    queue: QueueConfig = QueueConfig()
+    rules: RulesConfig = RulesConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    fcm: FcmConfig = FcmConfig()
+    apns: ApnsConfig = ApnsConfig()
+    email: EmailConfig = EmailConfig()
+    http: HttpConfig = HttpConfig()
+    log: LogConfig = LogConfig()
+    app: AppConfig = AppConfig()
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Defaults, then the file (`path`, else $STREAMER_CONFIG, else none), then the env."""
+    env = os.environ if env is None else env
+    path = path or env.get(CONFIG_PATH_ENV) or None
+    raw: dict[str, dict[str, tuple[Any, str]]] = {}
+    if path is not None:
+        _merge_file(raw, Path(path))
+    _merge_env(raw, env)
+    return _build(raw)
+
+
+def _merge_file(raw: dict[str, dict[str, tuple[Any, str]]], path: Path) -> None:
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    sections = _sections()
+    for section, values in document.items():
+        if section not in sections:
+            raise ConfigError(
+                f"{path}: unknown section [{section}]; known: {', '.join(sorted(sections))}"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: [{section}] must be a table of keys")
+        for key, value in values.items():
+            _check_key(section, key, str(path))
+            raw.setdefault(section, {})[key] = (value, f"{path}: [{section}] {key}")
+
+
+def _merge_env(raw: dict[str, dict[str, tuple[Any, str]]], env: Mapping[str, str]) -> None:
+    for name, text in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        _check_key(section, key, f"environment variable {name}")
+        raw.setdefault(section, {})[key] = (_parse_env_value(text), f"environment {name}")
+
+
+def _parse_env_value(text: str) -> Any:
+    """Env values are TOML literals when they parse as one (`5`, `true`, `["a"]`), else text."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _sections() -> dict[str, type[Any]]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _check_key(section: str, key: str, where: str) -> None:
+    sections = _sections()
+    if section not in sections:
+        raise ConfigError(f"{where}: unknown section [{section}]")
+    known = {f.name for f in dataclasses.fields(sections[section])}
+    if key not in known:
+        raise ConfigError(
+            f"{where}: unknown key {key!r} in [{section}]; known keys: {', '.join(sorted(known))}"
+        )
+
+
+def _build(raw: dict[str, dict[str, tuple[Any, str]]]) -> Config:
+    built: dict[str, Any] = {}
+    for section, cls in _sections().items():
+        hints = typing.get_type_hints(cls)
+        values = {
+            key: _coerce(value, hints[key], where)
+            for key, (value, where) in raw.get(section, {}).items()
+        }
+        built[section] = cls(**values)
+    return Config(**built)
+
+
+def _coerce(value: Any, expected: Any, where: str) -> Any:
+    """Check `value` against a field's type; ints widen to floats, lists to tuples."""
+    origin = typing.get_origin(expected)
+    args = typing.get_args(expected)
+    if origin in (types.UnionType, typing.Union):
+        inner = next(a for a in args if a is not type(None))
+        return _coerce(value, inner, where)
+    if origin is Literal:
+        if value not in args:
+            choices = " or ".join(repr(a) for a in args)
+            raise ConfigError(f"{where}: expected {choices}, got {value!r}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [line.strip() for line in value.replace(",", "\n").splitlines() if line.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {expected.__name__}, got {value!r}")
+    return value
+
+
+def redact_uri(uri: str) -> str:
+    """Hide the password of a MongoDB URI, keeping the user and hosts for diagnosis."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:{REDACTED}@{hosts}"))
+
+
+def redacted(config: Config) -> dict[str, dict[str, Any]]:
+    """The effective configuration as plain data, secrets replaced by `***`."""
+    out: dict[str, dict[str, Any]] = {}
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        table: dict[str, Any] = {}
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if f.metadata.get("secret") and value is not None:
+                value = REDACTED
+            elif f.metadata.get("secret_uri"):
+                value = redact_uri(value)
+            table[f.name] = value
+        out[section.name] = table
+    return out
+
+
+def secret_values(config: Config) -> list[str]:
+    """Every secret in the config, so log redaction and tests can look for them."""
+    found: list[str] = []
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if f.metadata.get("secret") and value:
+                found.append(str(value))
+            elif f.metadata.get("secret_uri") and (password := urlsplit(value).password):
+                found.append(password)
+    return found
+
+
+def to_toml(data: Mapping[str, Mapping[str, Any]]) -> str:
+    """Render the flat two-level config as TOML; unset keys become comments."""
+    lines: list[str] = []
+    for section, table in data.items():
+        lines.append(f"[{section}]")
+        for key, value in table.items():
+            if value is None:
+                lines.append(f"# {key} = (unset)")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return orjson.dumps(str(value)).decode()
+
+
+def override_settings(settings: Settings, config: Config) -> Settings:
+    """Apply the config keys that the spec lets override Rocket.Chat's settings."""
+    changes: dict[str, Any] = {}
+    if config.rules.max_room_members is not None:
+        changes["max_room_members"] = config.rules.max_room_members
+    if config.queue.always_notify_mobile:
+        changes["always_notify_mobile"] = True
+    if config.delivery.gateway_urls:
+        changes["push_gateways"] = tuple(u.rstrip("/") for u in config.delivery.gateway_urls)
+    return dataclasses.replace(settings, **changes) if changes else settings

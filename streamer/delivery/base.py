@@ -1,0 +1,48 @@
+"""The one interface every push provider implements (gateway, FCM, APNs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from streamer.delivery.errors import Outcome
+from streamer.model import TokenKind
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    token_id: str
+    kind: TokenKind
+    token: str
+    app_name: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PushContent:
+    """What a push says, provider-neutral; built by `delivery.payload` (pure)."""
+
+    uid: str
+    rid: str
+    mid: str
+    title: str
+    text: str
+    badge: int
+    not_id: int
+    created_at: float
+    #: Rocket.Chat's `payload` object (host, messageId, rid, sender, type, …).
+    payload: dict[str, Any] = field(default_factory=dict)
+    #: APNs category: "MESSAGE" or "MESSAGE_NOREPLY".
+    category: str = "MESSAGE"
+    id_only: bool = False
+
+
+class Pushkin(Protocol):
+    """Dispatch one push to one device.
+
+    Returns a permanent `Outcome`; raises `TemporaryDeliveryError` (retry, with
+    its delay) or `CredentialsError` (reload credentials, report).
+    """
+
+    async def dispatch(self, content: PushContent, device: Device) -> Outcome: ...
+
+    async def aclose(self) -> None: ...

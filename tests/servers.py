@@ -1,0 +1,136 @@
+"""Real local HTTP servers standing in for the Push Gateway, FCM and APNs.
+
+`StubApp` is a small ASGI app that records every request and answers from a
+script: tests say "the next two requests to /push/gcm/send get 500, then 200"
+and then assert on exactly what arrived. `serve_http` runs it under uvicorn on
+127.0.0.1 in a background thread, so the code under test talks real HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import uvicorn
+
+from streamer.devmongo import free_port
+
+Scope = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Recorded:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    http_version: str
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes | dict[str, Any] | list[Any] = b"{}"
+    headers: dict[str, str] = field(default_factory=dict)
+    #: Seconds to wait before answering (a hanging peer).
+    delay: float = 0.0
+
+
+class StubApp:
+    """Records requests; answers each path from its scripted replies, else `default`."""
+
+    def __init__(self, default: Reply | None = None) -> None:
+        self.default = default or Reply()
+        self.requests: list[Recorded] = []
+        self._scripts: dict[str, deque[Reply]] = {}
+        self._lock = threading.Lock()
+
+    def script(self, path: str, *replies: Reply) -> None:
+        """The next requests to `path` get these replies, in order; then the default."""
+        with self._lock:
+            self._scripts.setdefault(path, deque()).extend(replies)
+
+    def received(self, path: str | None = None) -> list[Recorded]:
+        with self._lock:
+            return [r for r in self.requests if path is None or r.path == path]
+
+    def wait_for(
+        self, count: int, path: str | None = None, timeout: float = 10.0
+    ) -> list[Recorded]:
+        """Block until `count` requests (to `path`) arrived; fail after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.received(path)) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(found)} of {count} requests arrived in {timeout} s")
+            time.sleep(0.01)
+        return found
+
+    def _next_reply(self, path: str) -> Reply:
+        with self._lock:
+            queue = self._scripts.get(path)
+            return queue.popleft() if queue else self.default
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        with self._lock:
+            self.requests.append(
+                Recorded(scope["method"], scope["path"], headers, body, scope["http_version"])
+            )
+        reply = self._next_reply(scope["path"])
+        if reply.delay:
+            await asyncio.sleep(reply.delay)
+        payload = reply.body if isinstance(reply.body, bytes) else orjson.dumps(reply.body)
+        response_headers = [(b"content-type", b"application/json")]
+        response_headers += [(k.encode(), v.encode()) for k, v in reply.headers.items()]
+        start = {"type": "http.response.start", "status": reply.status}
+        await send({**start, "headers": response_headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+async def _lifespan(receive: Any, send: Any) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+@contextlib.contextmanager
+def serve_http(app: Any, port: int | None = None) -> Iterator[str]:
+    """Serve `app` with uvicorn on 127.0.0.1 in a thread; yields its base URL."""
+    port = port or free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"stub server did not start on port {port}")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -1,0 +1,98 @@
+"""The tolerant document parsers: accept what Rocket.Chat writes, reject with a reason."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from streamer.model import (
+    MalformedDocument,
+    Message,
+    PushToken,
+    Settings,
+    Subscription,
+    User,
+)
+from tests import factories as f
+
+ALICE = f.user("alice")
+GENERAL = f.room("GENERAL")
+
+
+def test_message_keeps_the_fields_the_rules_need() -> None:
+    doc = f.message(GENERAL, ALICE, "hi @bob", mentions=[{"_id": "u-bob", "username": "bob"}])
+    message = Message.from_doc(doc)
+    assert (message.rid, message.sender.id, message.text) == ("GENERAL", "u-alice", "hi @bob")
+    assert message.mentions[0].id == "u-bob"
+    assert message.ts == pytest.approx(doc["ts"].timestamp())
+
+
+def test_naive_bson_dates_are_utc() -> None:
+    naive = dt.datetime(2026, 1, 1, 12, 0, 0)
+    message = Message.from_doc(f.message(GENERAL, ALICE, ts=naive))
+    assert message.ts == dt.datetime(2026, 1, 1, 12, tzinfo=dt.UTC).timestamp()
+
+
+@pytest.mark.parametrize(
+    ("override", "why"),
+    [
+        ({"_id": 7}, "_id"),
+        ({"rid": None}, "rid"),
+        ({"ts": "yesterday"}, "ts is not a date"),
+        ({"u": "alice"}, "u is not a sub-document"),
+        ({"mentions": "all"}, "mentions is not a list"),
+    ],
+)
+def test_malformed_message_names_id_and_field(override: dict[str, object], why: str) -> None:
+    doc = {**f.message(GENERAL, ALICE), **override}
+    with pytest.raises(MalformedDocument, match=why) as raised:
+        Message.from_doc(doc)
+    assert raised.value.collection == "rocketchat_message"
+
+
+def test_subscription_preference_and_unknown_value() -> None:
+    sub = Subscription.from_doc(f.subscription(ALICE, GENERAL, mobilePushNotifications="nothing"))
+    assert sub.mobile_push == "nothing"
+    with pytest.raises(MalformedDocument, match="mobilePushNotifications"):
+        Subscription.from_doc(f.subscription(ALICE, GENERAL, mobilePushNotifications="loud"))
+
+
+def test_user_first_verified_email_and_preferences() -> None:
+    doc = f.user(
+        "bob",
+        emails=[
+            {"address": "old@x.org", "verified": False},
+            {"address": "b@x.org", "verified": True},
+        ],
+        settings={
+            "preferences": {"pushNotifications": "mentions", "emailNotificationMode": "bogus"}
+        },
+    )
+    user = User.from_doc(doc)
+    assert user.email == "b@x.org"
+    assert user.push_preference == "mentions"
+    assert user.email_preference is None
+
+
+def test_push_token_kind() -> None:
+    token = PushToken.from_doc(f.push_token(ALICE, "apn"))
+    assert (token.kind, token.token, token.uid) == ("apn", "apn-device-alice", "u-alice")
+    with pytest.raises(MalformedDocument, match="neither an apn nor a gcm"):
+        PushToken.from_doc({**f.push_token(ALICE), "token": {}})
+
+
+def test_settings_bad_values_fall_back_with_a_problem() -> None:
+    settings = Settings.from_values(
+        {
+            "Notifications_Max_Room_Members": "abc",
+            "Push_enable": "false",
+            "Push_gateway": "https://a.example/\nhttps://b.example",
+        }
+    )
+    assert settings.max_room_members == 100
+    assert settings.push_enable is False
+    assert settings.push_gateways == ("https://a.example", "https://b.example")
+    assert settings.problems == (
+        "setting Notifications_Max_Room_Members='abc' has the wrong type; default used",
+    )
