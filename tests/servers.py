@@ -4,21 +4,34 @@
 script: tests say "the next two requests to /push/gcm/send get 500, then 200"
 and then assert on exactly what arrived. `serve_http` runs it under uvicorn on
 127.0.0.1 in a background thread, so the code under test talks real HTTP.
+`serve_http2` runs it under hypercorn over TLS with HTTP/2 (APNs' protocol),
+with a throwaway CA the client is told to trust.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import ipaddress
+import socket
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import hypercorn.asyncio
+import hypercorn.config
 import orjson
 import uvicorn
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from streamer.devmongo import free_port
 
@@ -134,3 +147,122 @@ def serve_http(app: Any, port: int | None = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def _issue_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a 127.0.0.1/localhost server certificate it signed.
+
+    Returns (ca, cert, key) paths; clients trust the CA exactly as they would a
+    real provider's, so TLS and ALPN are the real thing.
+    """
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "streamer test CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
+    paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+@contextlib.contextmanager
+def serve_http2(app: Any) -> Iterator[tuple[str, str]]:
+    """Serve `app` with hypercorn over TLS, HTTP/2 by ALPN, in a thread.
+
+    Yields (base URL, path of the CA certificate to trust). APNs only speaks
+    HTTP/2, so its stand-in must too.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        ca, cert, key = _issue_certificates(Path(tmp))
+        port = free_port()
+        config = hypercorn.config.Config()
+        config.bind = [f"127.0.0.1:{port}"]
+        config.certfile, config.keyfile = str(cert), str(key)
+        config.alpn_protocols = ["h2", "http/1.1"]
+        config.loglevel = "WARNING"
+        loop = asyncio.new_event_loop()
+        stop = asyncio.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(
+                hypercorn.asyncio.serve(app, config, shutdown_trigger=stop.wait)
+            )
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        _wait_until_listening(port, thread)
+        try:
+            yield f"https://127.0.0.1:{port}", str(ca)
+        finally:
+            loop.call_soon_threadsafe(stop.set)
+            thread.join(timeout=10)
+            loop.close()
+
+
+def _wait_until_listening(port: int, thread: threading.Thread, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError(f"HTTP/2 stub server did not start on port {port}") from None
+            time.sleep(0.01)

@@ -1,0 +1,126 @@
+"""What direct FCM and APNs delivery share: key files, expiring tokens, the HTTP exchange.
+
+Self-configured (white-labelled) apps hold their own provider credentials, so
+the sidecar reads private keys from disk: they must exist and must not be
+world-readable, and both providers mint short-lived bearer tokens from them
+that are cached and renewed before they expire.
+"""
+
+from __future__ import annotations
+
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import httpx
+
+from streamer import metrics
+from streamer.config import ConfigError
+from streamer.delivery.errors import (
+    CredentialsError,
+    Outcome,
+    TemporaryDeliveryError,
+    retry_after_seconds,
+)
+
+Clock = Callable[[], float]
+
+
+def load_secret_file(path: str, what: str) -> bytes:
+    """The bytes of a private-key file, refusing a missing or world-readable one.
+
+    A key any local user can read is a leaked key; refusing to start makes the
+    operator fix it now rather than after an incident.
+    """
+    file = Path(path)
+    try:
+        mode = file.stat().st_mode
+        content = file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist; check the path in config.toml") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} cannot be read: {exc.strerror}") from None
+    if mode & stat.S_IROTH:
+        raise ConfigError(
+            f"{what} {path} is readable by every user on this machine; "
+            f"restrict it with `chmod 600 {path}` (owned by the user running streamer)"
+        )
+    return content
+
+
+@dataclass(frozen=True, slots=True)
+class BearerToken:
+    value: str
+    #: Epoch seconds after which the token must not be used any more.
+    renew_at: float
+
+
+class TokenCache:
+    """One bearer token shared by every concurrent request, minted again when due.
+
+    The lock makes a burst of pushes that all find the token stale mint it once,
+    not once per push (FCM rate-limits token requests; APNs refuses provider
+    tokens renewed more often than every 20 minutes).
+    """
+
+    def __init__(self, mint: Callable[[], Awaitable[BearerToken]], clock: Clock) -> None:
+        self._mint = mint
+        self._clock = clock
+        self._token: BearerToken | None = None
+        self._lock = anyio.Lock()
+
+    async def get(self) -> str:
+        async with self._lock:
+            if self._token is None or self._clock() >= self._token.renew_at:
+                self._token = await self._mint()
+            return self._token.value
+
+    async def renew(self, rejected: str) -> str:
+        """A new token, unless another request already replaced the `rejected` one."""
+        async with self._lock:
+            if self._token is None or self._token.value == rejected:
+                self._token = await self._mint()
+            return self._token.value
+
+
+async def send(client: httpx.AsyncClient, provider: str, request: httpx.Request) -> httpx.Response:
+    """Send one provider request; a network failure or timeout is a temporary error."""
+    started = time.perf_counter()
+    try:
+        response = await client.send(request)
+    except httpx.TransportError as exc:
+        metrics.PUSHES.labels(provider, "temporary").inc()
+        raise TemporaryDeliveryError(
+            f"{provider}: {request.url.host} unreachable: {exc!r}"
+        ) from exc
+    finally:
+        metrics.PUSH_LATENCY.labels(provider).observe(time.perf_counter() - started)
+    return response
+
+
+def temporary_error(provider: str, response: httpx.Response, now: float) -> TemporaryDeliveryError:
+    """A 429/5xx as a retryable error carrying the provider's Retry-After."""
+    metrics.PUSHES.labels(provider, "temporary").inc()
+    return TemporaryDeliveryError(
+        f"{provider} answered {response.status_code}: {response.text[:200]}",
+        retry_after_seconds(response.headers.get("retry-after"), now),
+    )
+
+
+def is_temporary(status: int) -> bool:
+    return status == 429 or status >= 500
+
+
+def counted(provider: str, outcome: Outcome) -> Outcome:
+    """Record a permanent outcome in the push metric and hand it back."""
+    metrics.PUSHES.labels(provider, outcome.name.lower()).inc()
+    return outcome
+
+
+def credentials_error(provider: str, message: str) -> CredentialsError:
+    """The provider refused our credentials even when freshly minted: tell the operator."""
+    metrics.PUSHES.labels(provider, "credentials").inc()
+    return CredentialsError(f"{provider}: {message}")
