@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 
@@ -34,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
         "STREAMER_MONGO__URI is set",
     )
     command("config", "print the effective configuration, secrets redacted")
+    command("doctor", "check the deployment (SPEC §8): each check PASS/WARN/FAIL with the fix")
     return parser
 
 
@@ -47,8 +49,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config":
         sys.stdout.write(to_toml(redacted(config)))
         return EXIT_OK
+    if args.command == "doctor":
+        return _doctor(config)
     configure_logging(config.log, secret_values(config))
     return _run(config, dev_mongo=args.dev_mongo)
+
+
+def _doctor(config: Config) -> int:
+    from streamer import doctor
+
+    # The report is the output; only errors may interleave with it as log lines.
+    configure_logging(dataclasses.replace(config.log, level="error"), secret_values(config))
+    return doctor.main(config, sys.stdout)
 
 
 def _run(config: Config, dev_mongo: bool) -> int:

@@ -1,0 +1,562 @@
+"""`streamer doctor`: the answer to "Server notifications are misconfigured!".
+
+Each check looks at one thing the push path depends on (SPEC §8) and says, in
+plain words, whether it is right and what to do when it is not. Checks are
+independent async functions over a shared `Context`, so a new one is a function
+and a line in `_CHECKS`; they read what the daemon reads (the same settings,
+with config.toml overriding them) so the doctor and the daemon never disagree.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import json
+import stat
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import anyio
+import httpx
+from bson import Timestamp
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from pymongo import DESCENDING, AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
+
+from streamer.config import Config, override_settings
+from streamer.directory import DatabaseDirectory
+from streamer.model import (
+    MESSAGES,
+    PUSH_TOKENS,
+    STATISTICS,
+    WORKSPACE_CREDENTIALS,
+    Settings,
+    to_epoch,
+)
+
+Doc = dict[str, Any]
+
+#: Rocket.Chat's own notification queue; with the sidecar it must stay empty.
+NOTIFICATION_QUEUE = "rocketchat_notification_queue"
+#: The oldest Rocket.Chat that the Push Gateway accepts (the documented FAQ).
+MIN_ROCKETCHAT_VERSION = (0, 74, 3)
+#: How far back "Rocket.Chat is still queueing notifications" is looked for.
+QUEUE_WINDOW = 600.0
+#: Seconds to wait for MongoDB before declaring it unreachable.
+MONGO_TIMEOUT_MS = 5000
+#: A device token no phone has: the gateway probe can never notify anyone.
+PROBE_DEVICE_TOKEN = "streamer-doctor-probe"
+QUEUE_VARIABLES = (
+    "NOTIFICATIONS_SCHEDULE_DELAY_ONLINE=-1, NOTIFICATIONS_SCHEDULE_DELAY_AWAY=-1 and "
+    "NOTIFICATIONS_SCHEDULE_DELAY_OFFLINE=-1"
+)
+
+
+class Status(enum.Enum):
+    PASS = "PASS"
+    WARN = "WARN"
+    FAIL = "FAIL"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    name: str
+    status: Status
+    detail: str
+    #: What the operator should do; empty when there is nothing to do.
+    fix: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkspaceToken:
+    access_token: str
+    expires_at: float | None
+    #: Where it was found, for the report (never the token itself).
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class Context:
+    config: Config
+    db: AsyncDatabase[Doc]
+    http: httpx.AsyncClient
+    settings: Settings
+    workspace_token: WorkspaceToken | None
+    now: float
+
+
+def _pass(name: str, detail: str) -> Check:
+    return Check(name, Status.PASS, detail)
+
+
+async def run_checks(
+    config: Config, db: AsyncDatabase[Doc], client: httpx.AsyncClient, now: float | None = None
+) -> list[Check]:
+    """Every check of SPEC §8 for this deployment; MongoDB first, as the rest need it."""
+    mongo = await check_mongo(db)
+    if mongo.status is Status.FAIL:
+        return [mongo]
+    settings = override_settings(await DatabaseDirectory(db).settings(), config)
+    ctx = Context(
+        config=config,
+        db=db,
+        http=client,
+        settings=settings,
+        workspace_token=await load_workspace_token(db, settings),
+        now=time.time() if now is None else now,
+    )
+    checks = [mongo]
+    for check in _CHECKS[config.delivery.mode]:
+        checks.append(await check(ctx))
+    return checks
+
+
+async def check_mongo(db: AsyncDatabase[Doc]) -> Check:
+    name = "MongoDB replica set and change streams"
+    try:
+        hello = await db.client.admin.command("hello")
+        if not hello.get("setName"):
+            return Check(
+                name,
+                Status.FAIL,
+                "MongoDB is reachable but is not a replica set, so change streams cannot work",
+                "Run mongod with --replSet rs0 and initiate it once (rs.initiate()); put "
+                "replicaSet=rs0 in [mongo] uri. A single-node replica set is fine.",
+            )
+        async with await db[MESSAGES].watch():
+            pass
+    except PyMongoError as exc:
+        return Check(
+            name,
+            Status.FAIL,
+            f"database {db.name!r}: {exc.__class__.__name__}: {str(exc)[:300]}",
+            "Check [mongo] uri (or STREAMER_MONGO__URI): host, port, credentials, TLS; the "
+            "user needs read access to the Rocket.Chat database and the changeStream action.",
+        )
+    return _pass(name, f"replica set {hello['setName']!r}; a change stream on {MESSAGES} opens")
+
+
+async def check_rocketchat_version(ctx: Context) -> Check:
+    name = "Rocket.Chat version"
+    minimum = ".".join(map(str, MIN_ROCKETCHAT_VERSION))
+    latest = await ctx.db[STATISTICS].find_one(
+        {"version": {"$type": "string"}}, {"version": 1}, sort=[("createdAt", DESCENDING)]
+    )
+    if latest is None:
+        return Check(
+            name,
+            Status.WARN,
+            f"unknown: {STATISTICS} holds no statistics yet",
+            "Rocket.Chat records its version in its statistics once a day and at start-up; "
+            f"check it is at least {minimum} under Administration > Workspace.",
+        )
+    version = str(latest["version"])
+    if _version_tuple(version) < MIN_ROCKETCHAT_VERSION:
+        return Check(
+            name,
+            Status.FAIL,
+            f"{version} is older than {minimum}; the Push Gateway refuses it",
+            f"Upgrade Rocket.Chat to {minimum} or later.",
+        )
+    return _pass(name, f"{version} (≥ {minimum})")
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """'6.10.2' → (6, 10, 2); '0.74.3-rc.1' → (0, 74, 3); junk parts count as 0."""
+    parts = []
+    for part in version.split(".")[:3]:
+        digits = ""
+        for char in part:
+            if not char.isdigit():
+                break
+            digits += char
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+async def check_push_enabled(ctx: Context) -> Check:
+    name = "Push enabled"
+    if not ctx.settings.push_enable:
+        return Check(
+            name,
+            Status.FAIL,
+            "setting Push_enable is false: no push is sent to anyone",
+            "Turn on Administration > Settings > Push > Enable.",
+        )
+    if ctx.settings.troubleshoot_disable_notifications:
+        return Check(
+            name,
+            Status.FAIL,
+            "setting Troubleshoot_Disable_Notifications is true: all notifications are off",
+            "Turn off Administration > Settings > Troubleshoot > Disable Notifications.",
+        )
+    return _pass(name, "Push_enable is true and notifications are not disabled for troubleshooting")
+
+
+async def check_push_tokens(ctx: Context) -> Check:
+    name = "Device tokens"
+    counts = await _device_counts(ctx.db)
+    if not any(counts.values()):
+        return Check(
+            name,
+            Status.FAIL,
+            f"no enabled device token in {PUSH_TOKENS}: no phone has registered for push",
+            "Log in with the mobile app and allow notifications on the phone; the app "
+            "registers its token with Rocket.Chat on login.",
+        )
+    return _pass(name, f"{counts['apn']} iOS and {counts['gcm']} Android devices registered")
+
+
+async def _device_counts(db: AsyncDatabase[Doc]) -> dict[str, int]:
+    enabled: Doc = {"enabled": {"$ne": False}}
+    return {
+        kind: await db[PUSH_TOKENS].count_documents(
+            {**enabled, f"token.{kind}": {"$type": "string"}}
+        )
+        for kind in ("apn", "gcm")
+    }
+
+
+async def check_rocketchat_queue_disabled(ctx: Context) -> Check:
+    name = "Rocket.Chat's own queue disabled"
+    since = ctx.now - QUEUE_WINDOW
+    found, source = await _recent_queue_insert(ctx.db, since)
+    minutes = int(QUEUE_WINDOW // 60)
+    if found:
+        return Check(
+            name,
+            Status.FAIL,
+            f"Rocket.Chat queued notifications in the last {minutes} minutes ({source}): "
+            "users get every push twice, once from Rocket.Chat and once from streamer",
+            f"Restart Rocket.Chat with {QUEUE_VARIABLES} in its environment; it then enqueues "
+            "nothing, while its Push settings stay in force and are read by streamer.",
+        )
+    return _pass(name, f"nothing added to {NOTIFICATION_QUEUE} in the last {minutes} minutes")
+
+
+async def _recent_queue_insert(db: AsyncDatabase[Doc], since: float) -> tuple[bool, str]:
+    """Look in the oplog (sees entries already sent and removed), else in the collection."""
+    try:
+        oplog = db.client["local"]["oplog.rs"]
+        query = {"ts": {"$gte": Timestamp(int(since), 0)}, "ns": f"{db.name}.{NOTIFICATION_QUEUE}"}
+        entry = await oplog.find_one({**query, "op": "i"}, {"_id": 1}, max_time_ms=10_000)
+        return entry is not None, "seen in the oplog"
+    except PyMongoError:
+        cutoff = dt.datetime.fromtimestamp(since, dt.UTC)
+        doc = await db[NOTIFICATION_QUEUE].find_one({"ts": {"$gte": cutoff}}, {"_id": 1})
+        return doc is not None, f"entries in {NOTIFICATION_QUEUE}"
+
+
+async def check_email(ctx: Context) -> Check:
+    name = "Email (SMTP)"
+    if not (ctx.config.email.enabled and ctx.settings.allow_email_notifications):
+        return _pass(name, "email notifications are off")
+    missing = []
+    if not (ctx.config.email.host or ctx.settings.smtp_host):
+        missing.append("SMTP host ([email] host or setting SMTP_Host)")
+    if not (ctx.config.email.from_address or ctx.settings.from_email):
+        missing.append("sender address ([email] from_address or setting From_Email)")
+    if missing:
+        return Check(
+            name,
+            Status.WARN,
+            "email notifications are on but not configured: no " + ", no ".join(missing),
+            "Configure Administration > Settings > Email > SMTP, or set the [email] keys; "
+            "or set [email] enabled = false.",
+        )
+    return _pass(name, "an SMTP host and a sender address are configured")
+
+
+async def check_settings_types(ctx: Context) -> Check:
+    name = "Rocket.Chat settings"
+    if ctx.settings.problems:
+        return Check(
+            name,
+            Status.WARN,
+            "; ".join(ctx.settings.problems),
+            "Fix these settings under Administration > Settings; until then their defaults apply.",
+        )
+    return _pass(name, "every setting streamer reads has a usable value")
+
+
+# Gateway mode ---------------------------------------------------------------
+
+
+async def check_registration(ctx: Context) -> Check:
+    name = "Workspace registered"
+    missing = [
+        what
+        for what, ok in (
+            ("Register_Server is not true", ctx.settings.register_server),
+            ("Cloud_Workspace_Id is empty", bool(ctx.settings.cloud_workspace_id)),
+            (
+                "the Cloud Service Privacy Terms are not accepted",
+                ctx.settings.cloud_agree_privacy_terms,
+            ),
+        )
+        if not ok
+    ]
+    if missing:
+        return Check(
+            name,
+            Status.FAIL,
+            "; ".join(missing) + ": the Push Gateway only serves registered workspaces",
+            "Register the workspace under Administration > Workspace > Registration and accept "
+            "the Cloud Service Privacy Terms; or, for your own white-labelled app, use "
+            '[delivery] mode = "direct".',
+        )
+    return _pass(name, f"workspace {ctx.settings.cloud_workspace_id} is registered")
+
+
+async def load_workspace_token(db: AsyncDatabase[Doc], settings: Settings) -> WorkspaceToken | None:
+    """The workspace access token Rocket.Chat stored: the one that expires last, else the
+    Cloud_Workspace_Access_Token setting of older servers."""
+    best: WorkspaceToken | None = None
+    async for doc in db[WORKSPACE_CREDENTIALS].find({"accessToken": {"$type": "string"}}):
+        candidate = WorkspaceToken(
+            doc["accessToken"], to_epoch(doc.get("expirationDate")), WORKSPACE_CREDENTIALS
+        )
+        if candidate.access_token and (
+            best is None or (candidate.expires_at or 0) > (best.expires_at or 0)
+        ):
+            best = candidate
+    if best is None and settings.workspace_access_token:
+        best = WorkspaceToken(
+            settings.workspace_access_token,
+            settings.workspace_access_token_expires_at,
+            "setting Cloud_Workspace_Access_Token",
+        )
+    return best
+
+
+async def check_workspace_token(ctx: Context) -> Check:
+    name = "Workspace access token"
+    token = ctx.workspace_token
+    renew = (
+        "Rocket.Chat renews the token when it syncs with the cloud: run Administration > "
+        "Workspace > Registration > Sync (and check the server can reach cloud.rocket.chat)."
+    )
+    if token is None:
+        return Check(
+            name,
+            Status.FAIL,
+            f"no access token in {WORKSPACE_CREDENTIALS} or setting Cloud_Workspace_Access_Token",
+            renew,
+        )
+    if token.expires_at is not None and token.expires_at <= ctx.now:
+        ago = _duration(ctx.now - token.expires_at)
+        return Check(name, Status.FAIL, f"the token in {token.source} expired {ago} ago", renew)
+    expiry = (
+        "no expiry date"
+        if token.expires_at is None
+        else f"expires in {_duration(token.expires_at - ctx.now)}"
+    )
+    return _pass(name, f"found in {token.source}, {expiry}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{int(seconds)} s"
+    if seconds < 7200:
+        return f"{int(seconds // 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+async def check_gateways(ctx: Context) -> Check:
+    name = "Push Gateway reachable and accepting the token"
+    results = [await _probe_gateway(ctx, url) for url in ctx.settings.push_gateways]
+    working = [detail for ok, detail in results if ok]
+    detail = "; ".join(detail for _, detail in results)
+    if len(working) == len(results):
+        return _pass(name, detail)
+    fix = (
+        "A 401/403 means the workspace token is not accepted: sync the registration "
+        "(Administration > Workspace > Registration > Sync). Unreachable: allow outbound "
+        "HTTPS to the gateway (firewall, proxy) and check Push_gateway / [delivery] gateway_urls."
+    )
+    return Check(name, Status.WARN if working else Status.FAIL, detail, fix)
+
+
+async def _probe_gateway(ctx: Context, url: str) -> tuple[bool, str]:
+    """POST a push for a device token no phone has: the gateway checks the token first
+    (401 without a valid one), then refuses the device; nobody is notified."""
+    token = ctx.workspace_token
+    headers = {"Authorization": f"Bearer {token.access_token}"} if token else {}
+    body = {
+        "token": PROBE_DEVICE_TOKEN,
+        "options": {
+            "createdAt": dt.datetime.fromtimestamp(ctx.now, dt.UTC).isoformat(),
+            "createdBy": "<SERVER>",
+            "sent": False,
+            "sending": 0,
+            "from": "push",
+            "title": "streamer doctor",
+            "text": "connectivity probe",
+            "userId": "streamer-doctor",
+            "uniqueId": ctx.settings.unique_id,
+        },
+    }
+    try:
+        response = await ctx.http.post(f"{url}/push/gcm/send", json=body, headers=headers)
+    except httpx.HTTPError as exc:
+        return False, f"{url} unreachable ({exc.__class__.__name__}: {exc})"
+    status = response.status_code
+    if status in (401, 403):
+        return False, f"{url} rejected the workspace token ({status})"
+    if status == 429 or status >= 500:
+        return False, f"{url} answered {status}; it is failing or rate-limiting"
+    return True, f"{url} accepted the workspace token (answered {status} to a probe)"
+
+
+# Direct mode ----------------------------------------------------------------
+
+
+async def check_fcm(ctx: Context) -> Check:
+    name = "FCM credentials (Android)"
+    path = ctx.config.fcm.service_account_file
+    if not path:
+        return await _not_configured(ctx, name, "gcm", "[fcm] service_account_file")
+    problems = _key_file_problems(path)
+    if not problems:
+        problems = _service_account_problems(Path(path), ctx.config.fcm.project_id)
+    if problems:
+        return Check(
+            name,
+            Status.FAIL,
+            f"{path}: " + "; ".join(problems),
+            "Download a service-account JSON key (Firebase console > Project settings > "
+            "Service accounts), store it readable by streamer only (chmod 600) and point "
+            "[fcm] service_account_file at it.",
+        )
+    return _pass(name, f"{path} is a readable, private service-account key")
+
+
+def _service_account_problems(path: Path, project_id: str | None) -> list[str]:
+    try:
+        account = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return ["not a JSON file"]
+    if not isinstance(account, Mapping):
+        return ["not a service-account JSON object"]
+    wanted = ["client_email", "private_key"] + ([] if project_id else ["project_id"])
+    missing = [key for key in wanted if not isinstance(account.get(key), str)]
+    return [f"missing {', '.join(missing)}"] if missing else []
+
+
+async def check_apns(ctx: Context) -> Check:
+    name = "APNs credentials (iOS)"
+    apns = ctx.config.apns
+    if not apns.key_file:
+        return await _not_configured(ctx, name, "apn", "[apns] key_file")
+    problems = _key_file_problems(apns.key_file) or _p8_problems(Path(apns.key_file))
+    problems += [
+        f"[apns] {key} is not set" for key in ("key_id", "team_id") if not getattr(apns, key)
+    ]
+    if problems:
+        return Check(
+            name,
+            Status.FAIL,
+            f"{apns.key_file}: " + "; ".join(problems),
+            "Create an APNs auth key (.p8) in the Apple developer account, store it readable "
+            "by streamer only (chmod 600), and set [apns] key_file, key_id and team_id.",
+        )
+    return _pass(name, f"{apns.key_file} is a readable, private .p8 key")
+
+
+def _p8_problems(path: Path) -> list[str]:
+    try:
+        load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError):
+        return ["not a .p8 private key"]
+    return []
+
+
+def _key_file_problems(path: str) -> list[str]:
+    try:
+        mode = Path(path).stat().st_mode
+        with Path(path).open("rb"):
+            pass
+    except OSError as exc:
+        return [f"cannot read it ({exc.strerror})"]
+    if mode & stat.S_IROTH:
+        return [
+            f"it is world-readable (mode {stat.filemode(mode)}): "
+            "anyone on the host can send pushes as your app"
+        ]
+    return []
+
+
+async def _not_configured(ctx: Context, name: str, kind: str, key: str) -> Check:
+    devices = (await _device_counts(ctx.db))[kind]
+    consequence = (
+        f"{devices} registered devices of this kind get no push"
+        if devices
+        else "no device of this kind is registered yet"
+    )
+    return Check(
+        name,
+        Status.FAIL if devices else Status.WARN,
+        f"{key} is not set: {consequence}",
+        f"Set {key} (direct mode sends straight to the provider), or use "
+        '[delivery] mode = "gateway" with the official apps.',
+    )
+
+
+CheckFunction = Callable[[Context], Awaitable[Check]]
+_COMMON: list[CheckFunction] = [
+    check_rocketchat_version,
+    check_push_enabled,
+    check_push_tokens,
+    check_rocketchat_queue_disabled,
+    check_settings_types,
+    check_email,
+]
+_CHECKS: dict[str, list[CheckFunction]] = {
+    "gateway": [
+        *_COMMON[:2],
+        check_registration,
+        check_workspace_token,
+        check_gateways,
+        *_COMMON[2:],
+    ],
+    "direct": [*_COMMON[:2], check_fcm, check_apns, *_COMMON[2:]],
+}
+
+
+# Entry point ----------------------------------------------------------------
+
+
+def main(config: Config, out: TextIO) -> int:
+    """Run every check, print one line each (with the fix), and return 1 if any failed."""
+    checks = anyio.run(_run, config)
+    write_report(checks, out)
+    return 1 if any(check.status is Status.FAIL for check in checks) else 0
+
+
+async def _run(config: Config) -> list[Check]:
+    # A doctor should answer quickly, unless the URI asks for a different patience.
+    uri_sets_timeout = "serverselectiontimeoutms" in config.mongo.uri.lower()
+    timeouts: dict[str, Any] = (
+        {} if uri_sets_timeout else {"serverSelectionTimeoutMS": MONGO_TIMEOUT_MS}
+    )
+    mongo: AsyncMongoClient[Doc] = AsyncMongoClient(config.mongo.uri, **timeouts)
+    try:
+        async with httpx.AsyncClient(timeout=config.delivery.timeout) as http:
+            return await run_checks(config, mongo[config.mongo.database], http)
+    finally:
+        await mongo.close()
+
+
+def write_report(checks: list[Check], out: TextIO) -> None:
+    for check in checks:
+        out.write(f"{check.status.value}  {check.name}: {check.detail}\n")
+        if check.fix and check.status is not Status.PASS:
+            out.write(f"      fix: {check.fix}\n")
+    failed = sum(check.status is Status.FAIL for check in checks)
+    warned = sum(check.status is Status.WARN for check in checks)
+    verdict = "all checks passed" if not failed else f"{failed} check(s) failed"
+    out.write(f"\nstreamer doctor: {verdict}, {warned} warning(s).\n")
