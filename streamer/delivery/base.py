@@ -34,6 +34,10 @@ class PushContent:
     #: APNs category: "MESSAGE" or "MESSAGE_NOREPLY".
     category: str = "MESSAGE"
     id_only: bool = False
+    #: The `uniqueID` setting: names this server to the gateway (`uniqueId`).
+    unique_id: str = ""
+    #: The notification icon URL Android shows (`gcm.image`).
+    image: str | None = None
 
 
 class Pushkin(Protocol):

@@ -1,0 +1,176 @@
+"""The Rocket.Chat Push Gateway: the provider the official apps are registered with.
+
+A registered workspace posts each push to `{gateway}/push/{apn|gcm}/send` with
+its cloud access token. The gateway answers with a status only; the body is
+never trusted (it is logged, shortened, and nothing else).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import httpx
+import orjson
+import structlog
+from pymongo.asynchronous.database import AsyncDatabase
+
+from streamer.delivery.base import Device, PushContent
+from streamer.delivery.errors import (
+    CredentialsError,
+    Outcome,
+    TemporaryDeliveryError,
+    retry_after_seconds,
+)
+from streamer.delivery.payload import gateway_body
+from streamer.model import SETTINGS, WORKSPACE_CREDENTIALS, Settings, to_epoch
+
+log = structlog.get_logger("streamer.delivery.gateway")
+Doc = dict[str, Any]
+
+UNREGISTERED = "workspace not registered or credentials invalid — see `streamer doctor`"
+#: The settings older servers keep the workspace token in.
+TOKEN_SETTINGS = ("Cloud_Workspace_Access_Token", "Cloud_Workspace_Access_Token_Expires_At")
+#: How long an expired token is reused before the database is asked again:
+#: Rocket.Chat renews it, and asking on every push would load the database.
+EXPIRED_RECHECK = 30.0
+#: Errors that mean "this gateway URL cannot be reached": try the next one.
+UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol)
+BODY_LOG_LIMIT = 200
+
+
+class WorkspaceToken:
+    """The workspace's cloud access token, as Rocket.Chat last stored it.
+
+    Rocket.Chat renews the token itself and writes it to
+    `rocketchat_workspace_credentials` (older servers: the
+    `Cloud_Workspace_Access_Token` setting); this reads it, caches it until it
+    expires, and reads again after the gateway refused it (`invalidate`).
+    """
+
+    def __init__(self, db: AsyncDatabase[Doc], clock: Callable[[], float] = time.time) -> None:
+        self._db = db
+        self._clock = clock
+        self._token: str | None = None
+        self._valid_until = 0.0
+
+    async def get(self) -> str:
+        """The bearer token; raises `CredentialsError` when the workspace has none."""
+        if self._token is None or self._clock() >= self._valid_until:
+            await self._load()
+        if self._token is None:
+            raise CredentialsError(f"no workspace access token stored: {UNREGISTERED}")
+        return self._token
+
+    def invalidate(self) -> None:
+        """The gateway refused the token: read it again before the next push."""
+        self._token = None
+
+    async def _load(self) -> None:
+        token, expires_at = await self._from_credentials() or await self._from_settings()
+        now = self._clock()
+        if token is not None and expires_at is not None and expires_at <= now:
+            log.warning("workspace_token_expired", expired_at=expires_at, hint=UNREGISTERED)
+            expires_at = now + EXPIRED_RECHECK
+        self._token = token
+        self._valid_until = float("inf") if expires_at is None else expires_at
+
+    async def _from_credentials(self) -> tuple[str, float | None] | None:
+        """The newest token; the default (empty) scope first, as Rocket.Chat's push uses it."""
+        best: tuple[tuple[bool, float], str, float | None] | None = None
+        async for doc in self._db[WORKSPACE_CREDENTIALS].find({}):
+            token = doc.get("accessToken")
+            if not isinstance(token, str) or not token:
+                continue
+            expires_at = to_epoch(doc.get("expirationDate"))
+            rank = (doc.get("scope") in ("", None), expires_at or 0.0)
+            if best is None or rank > best[0]:
+                best = (rank, token, expires_at)
+        return None if best is None else (best[1], best[2])
+
+    async def _from_settings(self) -> tuple[str | None, float | None]:
+        cursor = self._db[SETTINGS].find({"_id": {"$in": list(TOKEN_SETTINGS)}})
+        settings = Settings.from_values({doc["_id"]: doc.get("value") async for doc in cursor})
+        return settings.workspace_access_token, settings.workspace_access_token_expires_at
+
+
+class GatewayPushkin:
+    """Pushes through the gateway, failing over along `gateway_urls()` in order.
+
+    `gateway_urls` is called per push so a change to the `Push_gateway`
+    setting applies at once.
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        gateway_urls: Callable[[], Sequence[str]],
+        token: WorkspaceToken,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._client = client
+        self._gateway_urls = gateway_urls
+        self._token = token
+        self._clock = clock
+
+    async def dispatch(self, content: PushContent, device: Device) -> Outcome:
+        body = orjson.dumps(gateway_body(content, device))
+        response = await self._post(device.kind, body)
+        if response.status_code in (401, 403):
+            log.warning("gateway_refused_token", status=response.status_code, action="reload")
+            self._token.invalidate()
+            response = await self._post(device.kind, body)
+            if response.status_code in (401, 403):
+                raise CredentialsError(
+                    f"{response.request.url} answered {response.status_code}: {UNREGISTERED}"
+                )
+        return self._outcome(response)
+
+    async def aclose(self) -> None:
+        """The client is the process's, shared with other providers; its owner closes it."""
+
+    async def _post(self, kind: str, body: bytes) -> httpx.Response:
+        """POST to the first gateway that can be reached; temporary error if none can."""
+        headers = {
+            "authorization": f"Bearer {await self._token.get()}",
+            "content-type": "application/json",
+        }
+        unreachable: list[str] = []
+        for base in self._gateway_urls():
+            url = f"{base.rstrip('/')}/push/{kind}/send"
+            try:
+                return await self._client.post(url, content=body, headers=headers)
+            except UNREACHABLE as exc:
+                log.warning("gateway_unreachable", url=url, error=repr(exc))
+                unreachable.append(url)
+            except httpx.TimeoutException as exc:
+                raise TemporaryDeliveryError(f"{url} timed out: {exc!r}") from exc
+            except httpx.TransportError as exc:
+                raise TemporaryDeliveryError(f"{url} failed: {exc!r}") from exc
+        raise TemporaryDeliveryError(f"no push gateway reachable (tried {unreachable or 'none'})")
+
+    def _outcome(self, response: httpx.Response) -> Outcome:
+        status = response.status_code
+        if 200 <= status < 300:
+            return Outcome.SENT
+        if status == 406:
+            return Outcome.DEAD_TOKEN
+        if status == 429 or status >= 500:
+            retry_after = retry_after_seconds(response.headers.get("retry-after"), self._clock())
+            raise TemporaryDeliveryError(
+                f"{response.request.url} answered {status}: {_excerpt(response)}", retry_after
+            )
+        log.warning(
+            "gateway_rejected_push",
+            url=str(response.request.url),
+            status=status,
+            answer=_excerpt(response),
+        )
+        return Outcome.REJECTED
+
+
+def _excerpt(response: httpx.Response) -> str:
+    """The start of whatever the gateway answered, safe to log whatever it is."""
+    return response.content[:BODY_LOG_LIMIT].decode("utf-8", "replace")

@@ -1,0 +1,198 @@
+"""What a push says, as Rocket.Chat's server would say it (pure: no I/O, no clock).
+
+The official apps parse the gateway's `options` object, so its shape follows
+Rocket.Chat's own server field for field (SPEC §7): title and text as its
+`getPushData`/`getNotificationConfig` build them, the `payload` object the apps
+open the room from, and `notId`, which the apps use to group a room's pushes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from streamer.delivery.base import Device, PushContent
+from streamer.model import Message, Room, Settings, User
+
+#: The gateway refuses longer strings; counted like JavaScript, in UTF-16 units.
+TITLE_LIMIT = 65
+TEXT_LIMIT = 240
+ELLIPSIS = "..."
+#: What a push says when it must not show the message (Rocket.Chat's English text).
+GENERIC_TEXT = "You have a new message"
+ENCRYPTED_TEXT = "Encrypted message"
+ATTACHMENT_TEXT = "Sent an attachment"
+CATEGORY_REPLY = "MESSAGE"
+CATEGORY_NO_REPLY = "MESSAGE_NOREPLY"
+#: Rocket.Chat's `Assets_favicon_192`, which Android shows next to the push.
+ICON_PATH = "assets/favicon_192.png"
+
+
+def not_id(unique_id: str, rid: str) -> int:
+    """Rocket.Chat's `getNotificationId`: one id per (server, room), so a room's
+    pushes replace each other on the phone instead of piling up.
+
+    A Java-style 32-bit string hash over the UTF-16 code units of
+    `"{uniqueID}|{rid}"`, walked from the last unit to the first, as the
+    server's JavaScript does.
+    """
+    text = f"{unique_id}|{rid}".encode("utf-16-le")
+    units = [int.from_bytes(text[i : i + 2], "little") for i in range(0, len(text), 2)]
+    value = 0
+    for unit in reversed(units):
+        value = (value * 31 + unit) & 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def truncate(text: str, limit: int) -> str:
+    """At most `limit` UTF-16 units, ending in "..." when cut; never splits a surrogate pair."""
+    if _utf16_length(text) <= limit:
+        return text
+    budget = limit - len(ELLIPSIS)
+    kept: list[str] = []
+    for char in text:
+        budget -= _utf16_length(char)
+        if budget < 0:
+            break
+        kept.append(char)
+    return "".join(kept) + ELLIPSIS
+
+
+def _utf16_length(text: str) -> int:
+    return len(text) + sum(1 for char in text if ord(char) > 0xFFFF)
+
+
+def build_push_content(
+    message: Message,
+    room: Room | None,
+    recipient: User,
+    settings: Settings,
+    *,
+    badge: int,
+    now: float,
+    sender: User | None = None,
+    can_reply: bool = True,
+) -> PushContent:
+    """The push `recipient` gets for `message`, honouring the admin's privacy settings.
+
+    `sender` (the sender's user document) only supplies the real name when the
+    message's own `u.name` is missing. `can_reply` is False for rooms the
+    recipient cannot write to, so iOS offers no reply button.
+    """
+    id_only = settings.push_request_content_from_server
+    sender_label = _sender_label(message, settings, sender)
+    room_label = _room_label(room, settings)
+    body = _message_text(message, settings)
+    title = "" if id_only else room_label or sender_label
+    text = body if id_only or not room_label else f"{sender_label}: {body}"
+    host = _host(settings.site_url)
+    return PushContent(
+        uid=recipient.id,
+        rid=message.rid,
+        mid=message.id,
+        title=truncate(title, TITLE_LIMIT),
+        text=truncate(text, TEXT_LIMIT),
+        badge=badge,
+        not_id=not_id(settings.unique_id, message.rid),
+        created_at=now,
+        payload=_payload(message, room, settings, sender_label, host, id_only),
+        category=CATEGORY_REPLY if can_reply else CATEGORY_NO_REPLY,
+        id_only=id_only,
+        unique_id=settings.unique_id,
+        image=host + ICON_PATH,
+    )
+
+
+def _sender_label(message: Message, settings: Settings, sender: User | None) -> str:
+    """Rocket.Chat's `username`: hidden unless Push_show_username_room; real name if asked."""
+    if not settings.push_show_username_room:
+        return ""
+    real_name = message.sender.name or (sender.name if sender else None)
+    username = message.sender.username or (sender.username if sender else "")
+    return (settings.use_real_name and real_name) or username
+
+
+def _room_label(room: Room | None, settings: Settings) -> str:
+    """`#room` for group chats (the title); empty for DMs, whose title is the sender."""
+    if room is None or not settings.push_show_username_room or not _is_group_chat(room):
+        return ""
+    return f"#{room.fname or room.name or room.id}"
+
+
+def _is_group_chat(room: Room) -> bool:
+    return room.type in ("c", "p") or (room.type == "d" and room.users_count > 2)
+
+
+def _message_text(message: Message, settings: Settings) -> str:
+    if settings.push_request_content_from_server or not settings.push_show_message:
+        return GENERIC_TEXT
+    if message.encrypted:
+        return ENCRYPTED_TEXT
+    return message.text or (ATTACHMENT_TEXT if message.has_attachments else "")
+
+
+def _host(site_url: str) -> str:
+    """Rocket.Chat's `Meteor.absoluteUrl()`: the site URL with one trailing slash."""
+    return site_url.rstrip("/") + "/"
+
+
+def _payload(
+    message: Message,
+    room: Room | None,
+    settings: Settings,
+    sender_label: str,
+    host: str,
+    id_only: bool,
+) -> dict[str, Any]:
+    """The object the apps open the room from; id-only pushes carry just enough to fetch."""
+    base: dict[str, Any] = {
+        "host": host,
+        "messageId": message.id,
+        "notificationType": "message-id-only" if id_only else "message",
+    }
+    if id_only:
+        return base
+    sender = message.sender
+    details: dict[str, Any] = {
+        "rid": message.rid,
+        "sender": {"_id": sender.id, "username": sender.username, "name": sender.name},
+        "senderName": sender_label,
+        "type": room.type if room else None,
+        "name": room.name if room and settings.push_show_username_room else "",
+        "messageType": message.type,
+        "tmid": message.tmid,
+    }
+    if message.encrypted:
+        # The apps decrypt the push themselves; this is the ciphertext.
+        details["msg"] = message.text
+    return base | details
+
+
+def gateway_body(content: PushContent, device: Device) -> dict[str, Any]:
+    """The exact JSON the Push Gateway expects for one device (SPEC §7)."""
+    options: dict[str, Any] = {
+        "createdAt": _js_date(content.created_at),
+        "createdBy": "<SERVER>",
+        "sent": False,
+        "sending": 0,
+        "from": "push",
+        "title": content.title,
+        "text": content.text,
+        "userId": content.uid,
+        "payload": content.payload,
+        "badge": content.badge,
+        "sound": "default",
+        "notId": content.not_id,
+        "uniqueId": content.unique_id,
+        "apn": {"category": content.category},
+        "gcm": {"image": content.image, "style": "inbox"},
+    }
+    if device.kind == "apn":
+        options["topic"] = device.app_name
+    return {"token": device.token, "options": options}
+
+
+def _js_date(epoch: float) -> str:
+    """A date as JavaScript's JSON.stringify writes it: ISO 8601, milliseconds, Z."""
+    when = dt.datetime.fromtimestamp(epoch, dt.UTC)
+    return when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"

@@ -1,0 +1,217 @@
+"""One notification to all of a user's devices: the policy around the providers.
+
+The providers (`Pushkin`s) say what happened to one push; this decides what
+that means: dead tokens are deleted, rejected pushes dropped, temporary
+failures become a `RetryAt` the queue persists in its entry (so a restart keeps
+the retry), and a push that keeps failing past `give_up_after` is a `GivenUp`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import structlog
+import tenacity
+from pymongo.asynchronous.database import AsyncDatabase
+
+from streamer import metrics
+from streamer.config import DeliveryConfig
+from streamer.delivery.base import Device, PushContent, Pushkin
+from streamer.delivery.errors import CredentialsError, Outcome, TemporaryDeliveryError
+from streamer.delivery.http import InFlightCap
+from streamer.delivery.ledger import SentLedger
+from streamer.model import PUSH_TOKENS, PushToken, TokenKind
+
+log = structlog.get_logger("streamer.delivery.sender")
+Doc = dict[str, Any]
+
+
+def device_of(token: PushToken) -> Device:
+    return Device(token_id=token.id, kind=token.kind, token=token.token, app_name=token.app_name)
+
+
+@dataclass(frozen=True, slots=True)
+class Attempts:
+    """How often a notification failed so far; stored in the queue entry across restarts."""
+
+    count: int = 0
+    first_failure_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """Every device has a final answer (sent, dead token or rejected)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RetryAt:
+    """Some device failed temporarily: try again at `at` (devices done are skipped then)."""
+
+    at: float
+    error: str
+    attempts: Attempts
+
+
+@dataclass(frozen=True, slots=True)
+class GivenUp:
+    error: str
+
+
+SendResult = Delivered | RetryAt | GivenUp
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    error: str
+    retry_after: float | None = None
+
+
+class PushSender:
+    def __init__(
+        self,
+        pushkins: Mapping[TokenKind, Pushkin],
+        db: AsyncDatabase[Doc],
+        config: DeliveryConfig,
+        *,
+        cap: InFlightCap,
+        ledger: SentLedger,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._pushkins = pushkins
+        self._tokens = db[PUSH_TOKENS]
+        self._config = config
+        self._cap = cap
+        self._ledger = ledger
+        self._clock = clock
+        self._backoff = tenacity.wait_exponential_jitter(
+            initial=config.retry_initial, max=config.retry_max, jitter=config.retry_initial
+        )
+        self._healthy = True
+
+    @property
+    def healthy(self) -> bool:
+        """False from a credentials failure until the next push goes out (for /readyz)."""
+        return self._healthy
+
+    async def send(
+        self, content: PushContent, devices: Sequence[Device], attempts: Attempts
+    ) -> SendResult:
+        """Push `content` to every device at once; the result covers them all."""
+        unique = list({d.token: d for d in devices}.values())
+        claimed = await self._ledger.claim(content.uid, content.mid, unique, self._clock())
+        failures: list[_Failure] = []
+        async with anyio.create_task_group() as tasks:
+            for device in claimed:
+                tasks.start_soon(self._push_one, content, device, failures)
+        if not failures:
+            return Delivered()
+        return self._after_failure(content, failures, attempts)
+
+    async def _push_one(
+        self, content: PushContent, device: Device, failures: list[_Failure]
+    ) -> None:
+        """One device, end to end; a failure is appended to `failures`, never raised."""
+        provider = self._provider(device)
+        failure = await self._dispatch(content, device, provider)
+        if failure is None:
+            return
+        failures.append(failure)
+        await self._ledger.release(content.uid, content.mid, device)
+
+    async def _dispatch(
+        self, content: PushContent, device: Device, provider: str
+    ) -> _Failure | None:
+        pushkin = self._pushkins.get(device.kind)
+        if pushkin is None:  # direct mode without credentials for this platform
+            log.warning("no_provider_for_device", kind=device.kind, token_id=device.token_id)
+            await self._record(content, device, provider, Outcome.REJECTED)
+            return None
+        started = time.perf_counter()
+        try:
+            async with self._cap.slot():
+                outcome = await pushkin.dispatch(content, device)
+        except TemporaryDeliveryError as exc:
+            metrics.PUSHES.labels(provider, "temporary_error").inc()
+            return _Failure(str(exc), exc.retry_after)
+        except CredentialsError as exc:
+            self._credentials_failed(provider, exc)
+            return _Failure(str(exc))
+        except Exception as exc:  # a provider bug must not take the daemon down
+            log.exception("push_failed_unexpectedly", provider=provider, token_id=device.token_id)
+            metrics.PUSHES.labels(provider, "unexpected_error").inc()
+            return _Failure(repr(exc))
+        finally:
+            metrics.PUSH_LATENCY.labels(provider).observe(time.perf_counter() - started)
+        await self._record(content, device, provider, outcome)
+        return None
+
+    async def _record(
+        self, content: PushContent, device: Device, provider: str, outcome: Outcome
+    ) -> None:
+        """Act on a final answer, then mark the device done in the ledger."""
+        metrics.PUSHES.labels(provider, outcome.name.lower()).inc()
+        if outcome is Outcome.SENT:
+            self._healthy = True
+        elif outcome is Outcome.DEAD_TOKEN:
+            await self._delete_token(device, provider)
+        else:
+            log.info("push_rejected", provider=provider, token_id=device.token_id)
+        await self._ledger.finish(content.uid, content.mid, device, outcome, self._clock())
+
+    async def _delete_token(self, device: Device, provider: str) -> None:
+        """The provider says the app is gone from the device: stop pushing to it."""
+        result = await self._tokens.delete_many(
+            {"$or": [{"_id": device.token_id}, {f"token.{device.kind}": device.token}]}
+        )
+        metrics.TOKENS_DELETED.inc(result.deleted_count)
+        log.info(
+            "dead_token_deleted",
+            provider=provider,
+            token_id=device.token_id,
+            deleted=result.deleted_count,
+        )
+
+    def _credentials_failed(self, provider: str, exc: CredentialsError) -> None:
+        self._healthy = False
+        metrics.PUSHES.labels(provider, "credentials_error").inc()
+        log.error("push_credentials_invalid", provider=provider, error=str(exc))
+
+    def _after_failure(
+        self, content: PushContent, failures: list[_Failure], attempts: Attempts
+    ) -> RetryAt | GivenUp:
+        """Retry with exponential backoff and jitter, never before Retry-After; or give up."""
+        now = self._clock()
+        first_failure_at = attempts.first_failure_at if attempts.first_failure_at else now
+        error = "; ".join(sorted({f.error for f in failures}))
+        if now - first_failure_at >= self._config.give_up_after:
+            metrics.PUSH_GIVEN_UP.inc()
+            log.warning(
+                "push_given_up",
+                uid=content.uid,
+                mid=content.mid,
+                attempts=attempts.count + 1,
+                failing_since=first_failure_at,
+                error=error,
+            )
+            return GivenUp(error)
+        following = Attempts(attempts.count + 1, first_failure_at)
+        delay = max([self._wait(following.count), *(f.retry_after or 0.0 for f in failures)])
+        metrics.PUSH_RETRIES.inc()
+        log.info("push_retry_scheduled", uid=content.uid, mid=content.mid, delay=delay, error=error)
+        return RetryAt(now + delay, error, following)
+
+    def _wait(self, attempt_number: int) -> float:
+        """tenacity's exponential-with-jitter wait for the n-th failure."""
+        state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+        state.attempt_number = attempt_number
+        return float(self._backoff(state))
+
+    def _provider(self, device: Device) -> str:
+        """The metric label: "gateway" or, in direct mode, "apns"/"fcm"."""
+        if self._config.mode == "gateway":
+            return "gateway"
+        return "apns" if device.kind == "apn" else "fcm"

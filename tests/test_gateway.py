@@ -1,0 +1,271 @@
+"""The Push Gateway client against a real local HTTP server and the real mongod."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+from pymongo.asynchronous.database import AsyncDatabase
+
+from streamer.config import DeliveryConfig
+from streamer.delivery.base import Device, PushContent
+from streamer.delivery.errors import CredentialsError, Outcome, TemporaryDeliveryError
+from streamer.delivery.gateway import GatewayPushkin, WorkspaceToken
+from streamer.delivery.http import make_http_client
+from streamer.delivery.payload import gateway_body
+from streamer.devmongo import free_port
+from streamer.model import SETTINGS, WORKSPACE_CREDENTIALS
+from tests import factories
+from tests.servers import Reply, StubApp, serve_http
+
+Doc = dict[str, object]
+NOW = 1_700_000_000.0
+IPHONE = Device(token_id="t-ios", kind="apn", token="apn-token-1", app_name="chat.rocket.ios")
+ANDROID = Device(
+    token_id="t-android", kind="gcm", token="gcm-token-1", app_name="chat.rocket.android"
+)
+CONTENT = PushContent(
+    uid="u-bob",
+    rid="GENERAL",
+    mid="m1",
+    title="#general",
+    text="alice: hello",
+    badge=1,
+    not_id=1666299236,
+    created_at=NOW,
+    payload={"host": "https://chat.example.org/", "messageId": "m1", "rid": "GENERAL"},
+    unique_id="abc123",
+    image="https://chat.example.org/assets/favicon_192.png",
+)
+
+
+class Clock:
+    """A clock the test moves by hand: no real waiting."""
+
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def closed_url() -> str:
+    """A local port nobody listens on: connecting is refused at once."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+async def store_workspace_token(
+    db: AsyncDatabase[Doc], token: str, expires_in: float = 3600
+) -> None:
+    expires = dt.datetime.fromtimestamp(NOW + expires_in, dt.UTC)
+    await db[WORKSPACE_CREDENTIALS].replace_one(
+        {"_id": "cred"},
+        {"_id": "cred", "scope": "", "accessToken": token, "expirationDate": expires},
+        upsert=True,
+    )
+
+
+@pytest.fixture
+def stub() -> StubApp:
+    return StubApp()
+
+
+@pytest.fixture
+def gateway_url(stub: StubApp) -> Iterator[str]:
+    with serve_http(stub) as url:
+        yield url
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with make_http_client(DeliveryConfig(concurrency=8, timeout=0.5)) as http:
+        yield http
+
+
+@pytest.fixture
+async def pushkin(
+    db: AsyncDatabase[Doc], client: httpx.AsyncClient, gateway_url: str
+) -> GatewayPushkin:
+    await store_workspace_token(db, "workspace-token-1")
+    clock = Clock()
+    return GatewayPushkin(client, lambda: [gateway_url], WorkspaceToken(db, clock), clock=clock)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("device", [IPHONE, ANDROID], ids=["apn", "gcm"])
+async def test_push_posts_the_exact_body_with_the_workspace_token(
+    pushkin: GatewayPushkin, stub: StubApp, device: Device
+) -> None:
+    assert await pushkin.dispatch(CONTENT, device) is Outcome.SENT
+    [request] = stub.received()
+    assert (request.method, request.path) == ("POST", f"/push/{device.kind}/send")
+    assert request.headers["authorization"] == "Bearer workspace-token-1"
+    assert request.headers["content-type"] == "application/json"
+    assert request.json() == gateway_body(CONTENT, device)
+
+
+@pytest.mark.anyio
+async def test_406_means_the_device_token_is_dead(pushkin: GatewayPushkin, stub: StubApp) -> None:
+    stub.script("/push/gcm/send", Reply(406, b"Not Acceptable"))
+    assert await pushkin.dispatch(CONTENT, ANDROID) is Outcome.DEAD_TOKEN
+
+
+@pytest.mark.anyio
+async def test_422_drops_the_push(pushkin: GatewayPushkin, stub: StubApp) -> None:
+    stub.script("/push/gcm/send", Reply(422, {"error": "bad payload"}))
+    assert await pushkin.dispatch(CONTENT, ANDROID) is Outcome.REJECTED
+
+
+@pytest.mark.anyio
+async def test_401_reloads_the_workspace_token_and_retries_once(
+    pushkin: GatewayPushkin, stub: StubApp, db: AsyncDatabase[Doc]
+) -> None:
+    await pushkin.dispatch(CONTENT, ANDROID)  # caches workspace-token-1
+    await store_workspace_token(db, "workspace-token-2")
+    stub.script("/push/gcm/send", Reply(401))
+    assert await pushkin.dispatch(CONTENT, ANDROID) is Outcome.SENT
+    tokens = [r.headers["authorization"] for r in stub.received()]
+    assert tokens == ["Bearer workspace-token-1"] * 2 + ["Bearer workspace-token-2"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("status", [401, 403])
+async def test_refused_twice_is_a_loud_credentials_error(
+    pushkin: GatewayPushkin, stub: StubApp, status: int
+) -> None:
+    stub.script("/push/apn/send", Reply(status), Reply(status))
+    with pytest.raises(CredentialsError, match=r"workspace not registered .* `streamer doctor`"):
+        await pushkin.dispatch(CONTENT, IPHONE)
+    assert len(stub.received()) == 2
+
+
+@pytest.mark.anyio
+async def test_429_is_temporary_and_carries_retry_after(
+    pushkin: GatewayPushkin, stub: StubApp
+) -> None:
+    stub.script("/push/gcm/send", Reply(429, headers={"retry-after": "120"}))
+    with pytest.raises(TemporaryDeliveryError) as caught:
+        await pushkin.dispatch(CONTENT, ANDROID)
+    assert caught.value.retry_after == 120.0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("status", [500, 502, 503])
+async def test_server_errors_are_temporary(
+    pushkin: GatewayPushkin, stub: StubApp, status: int
+) -> None:
+    stub.script("/push/gcm/send", Reply(status))
+    with pytest.raises(TemporaryDeliveryError) as caught:
+        await pushkin.dispatch(CONTENT, ANDROID)
+    assert caught.value.retry_after is None
+
+
+@pytest.mark.anyio
+async def test_a_hanging_gateway_times_out_as_temporary(
+    pushkin: GatewayPushkin, stub: StubApp
+) -> None:
+    stub.script("/push/gcm/send", Reply(delay=2.0))
+    with pytest.raises(TemporaryDeliveryError, match="timed out"):
+        await pushkin.dispatch(CONTENT, ANDROID)
+
+
+@pytest.mark.anyio
+async def test_unreachable_gateway_fails_over_to_the_next_in_order(
+    db: AsyncDatabase[Doc], client: httpx.AsyncClient, gateway_url: str, stub: StubApp
+) -> None:
+    await store_workspace_token(db, "workspace-token-1")
+    urls = [closed_url(), gateway_url]
+    pushkin = GatewayPushkin(client, lambda: urls, WorkspaceToken(db))
+    assert await pushkin.dispatch(CONTENT, ANDROID) is Outcome.SENT
+    assert len(stub.received("/push/gcm/send")) == 1
+
+
+@pytest.mark.anyio
+async def test_no_reachable_gateway_is_temporary(
+    db: AsyncDatabase[Doc], client: httpx.AsyncClient
+) -> None:
+    await store_workspace_token(db, "workspace-token-1")
+    urls = [closed_url(), "gateway-without-scheme", closed_url()]
+    pushkin = GatewayPushkin(client, lambda: urls, WorkspaceToken(db))
+    with pytest.raises(TemporaryDeliveryError, match="no push gateway reachable"):
+        await pushkin.dispatch(CONTENT, ANDROID)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("reply", "outcome"),
+    [
+        (Reply(200, b"<html><body>OK</body></html>"), Outcome.SENT),
+        (Reply(200, b"\xff\xfe not json"), Outcome.SENT),
+        (Reply(422, b"{truncated"), Outcome.REJECTED),
+        (Reply(404, b"<html>Not Found</html>"), Outcome.REJECTED),
+    ],
+)
+async def test_garbage_answers_never_crash(
+    pushkin: GatewayPushkin, stub: StubApp, reply: Reply, outcome: Outcome
+) -> None:
+    stub.script("/push/gcm/send", reply)
+    assert await pushkin.dispatch(CONTENT, ANDROID) is outcome
+
+
+@pytest.mark.anyio
+async def test_garbage_server_error_is_still_temporary(
+    pushkin: GatewayPushkin, stub: StubApp
+) -> None:
+    stub.script("/push/gcm/send", Reply(500, b"\x00\xff<html>", headers={"retry-after": "soon"}))
+    with pytest.raises(TemporaryDeliveryError) as caught:
+        await pushkin.dispatch(CONTENT, ANDROID)
+    assert caught.value.retry_after is None
+
+
+@pytest.mark.anyio
+async def test_older_servers_keep_the_token_in_settings(db: AsyncDatabase[Doc]) -> None:
+    await db[SETTINGS].insert_many(
+        [
+            factories.setting("Cloud_Workspace_Access_Token", "from-settings"),
+            factories.setting(
+                "Cloud_Workspace_Access_Token_Expires_At",
+                dt.datetime.fromtimestamp(NOW + 600, dt.UTC),
+            ),
+        ]
+    )
+    assert await WorkspaceToken(db, Clock()).get() == "from-settings"
+
+
+@pytest.mark.anyio
+async def test_no_token_at_all_is_a_credentials_error(db: AsyncDatabase[Doc]) -> None:
+    with pytest.raises(CredentialsError, match="streamer doctor"):
+        await WorkspaceToken(db, Clock()).get()
+
+
+@pytest.mark.anyio
+async def test_the_token_is_cached_until_it_expires(db: AsyncDatabase[Doc]) -> None:
+    clock = Clock()
+    token = WorkspaceToken(db, clock)
+    await store_workspace_token(db, "first", expires_in=600)
+    assert await token.get() == "first"
+    await store_workspace_token(db, "renewed", expires_in=1200)
+    assert await token.get() == "first"
+    clock.now += 601
+    assert await token.get() == "renewed"
+
+
+@pytest.mark.anyio
+async def test_the_default_scope_token_is_preferred(db: AsyncDatabase[Doc]) -> None:
+    far = dt.datetime.fromtimestamp(NOW + 10_000, dt.UTC)
+    near = dt.datetime.fromtimestamp(NOW + 600, dt.UTC)
+    await db[WORKSPACE_CREDENTIALS].insert_many(
+        [
+            {
+                "_id": "a",
+                "scope": "marketplace:read",
+                "accessToken": "scoped",
+                "expirationDate": far,
+            },
+            {"_id": "b", "scope": "", "accessToken": "default", "expirationDate": near},
+            {"_id": "c", "scope": "", "accessToken": 42, "expirationDate": far},
+        ]
+    )
+    assert await WorkspaceToken(db, Clock()).get() == "default"

@@ -1,0 +1,60 @@
+"""SentLedger: the idempotency record that keeps a restart from pushing twice."""
+
+from __future__ import annotations
+
+import pytest
+from pymongo.asynchronous.database import AsyncDatabase
+
+from streamer.delivery.base import Device
+from streamer.delivery.errors import Outcome
+from streamer.delivery.ledger import SENT_LEDGER, SentLedger
+
+Doc = dict[str, object]
+NOW = 1_700_000_000.0
+PHONE = Device(token_id="t1", kind="gcm", token="gcm-1")
+TABLET = Device(token_id="t2", kind="gcm", token="gcm-2")
+
+
+async def ttl_of(db: AsyncDatabase[Doc]) -> object:
+    indexes = await db[SENT_LEDGER].index_information()
+    return next(i["expireAfterSeconds"] for i in indexes.values() if i["key"] == [("at", 1)])
+
+
+@pytest.mark.anyio
+async def test_records_expire_by_ttl_index(db: AsyncDatabase[Doc]) -> None:
+    await SentLedger(db, ttl=600).ensure_indexes()
+    assert await ttl_of(db) == 600
+
+
+@pytest.mark.anyio
+async def test_a_changed_ttl_replaces_the_old_one(db: AsyncDatabase[Doc]) -> None:
+    await SentLedger(db, ttl=600).ensure_indexes()
+    await SentLedger(db, ttl=900).ensure_indexes()
+    assert await ttl_of(db) == 900
+
+
+@pytest.mark.anyio
+async def test_a_device_can_be_claimed_once_per_message(db: AsyncDatabase[Doc]) -> None:
+    ledger = SentLedger(db)
+    assert await ledger.claim("u1", "m1", [PHONE, TABLET], NOW) == [PHONE, TABLET]
+    assert await ledger.claim("u1", "m1", [PHONE, TABLET], NOW) == []
+    assert await ledger.claim("u1", "m2", [PHONE], NOW) == [PHONE]
+
+
+@pytest.mark.anyio
+async def test_a_finished_device_stays_claimed(db: AsyncDatabase[Doc]) -> None:
+    ledger = SentLedger(db)
+    await ledger.claim("u1", "m1", [PHONE], NOW)
+    await ledger.finish("u1", "m1", PHONE, Outcome.SENT, NOW)
+    await ledger.release("u1", "m1", PHONE)  # too late: it went out
+    assert await ledger.claim("u1", "m1", [PHONE, TABLET], NOW) == [TABLET]
+    record = await db[SENT_LEDGER].find_one({"_id.token": PHONE.token})
+    assert record is not None and (record["state"], record["outcome"]) == ("sent", "sent")
+
+
+@pytest.mark.anyio
+async def test_a_released_device_can_be_claimed_again(db: AsyncDatabase[Doc]) -> None:
+    ledger = SentLedger(db)
+    await ledger.claim("u1", "m1", [PHONE], NOW)
+    await ledger.release("u1", "m1", PHONE)
+    assert await ledger.claim("u1", "m1", [PHONE], NOW) == [PHONE]

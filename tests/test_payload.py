@@ -1,0 +1,170 @@
+"""The push Rocket.Chat's apps receive: title, text, payload and the gateway body (SPEC §7)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from streamer.delivery.base import Device
+from streamer.delivery.payload import (
+    ENCRYPTED_TEXT,
+    GENERIC_TEXT,
+    TEXT_LIMIT,
+    TITLE_LIMIT,
+    build_push_content,
+    gateway_body,
+    not_id,
+    truncate,
+)
+from streamer.model import Message, Room, Settings, User, UserRef
+
+NOW = 1_700_000_000.25
+SETTINGS = Settings(unique_id="abc123", site_url="https://chat.example.org")
+ALICE = UserRef(id="u-alice", username="alice", name="Alice Liddell")
+BOB = User(id="u-bob", username="bob", name="Bob")
+GENERAL = Room(id="GENERAL", type="c", name="general", fname="general", users_count=5)
+DM = Room(id="u-aliceu-bob", type="d", users_count=2)
+
+
+def message(text: str = "hello", **fields: object) -> Message:
+    values: dict[str, object] = {"id": "m1", "rid": "GENERAL", "text": text, "ts": NOW}
+    values.update(fields)
+    return Message(sender=ALICE, **values)  # type: ignore[arg-type]
+
+
+def test_not_id_is_rocket_chats_hash_of_unique_id_and_room() -> None:
+    assert not_id("abc123", "GENERAL") == 1666299236
+
+
+def test_not_id_is_a_signed_32_bit_integer() -> None:
+    value = not_id("a-long-server-unique-id-" * 4, "room-with-a-long-id")
+    assert -(2**31) <= value < 2**31
+
+
+def test_not_id_counts_utf16_units_like_javascript() -> None:
+    # "😀" is two UTF-16 units: 0xD83D 0xDE00; hash over reversed units.
+    expected = 0
+    for unit in reversed([ord(c) for c in "x|"] + [0xD83D, 0xDE00]):
+        expected = (expected * 31 + unit) & 0xFFFFFFFF
+    assert not_id("x", "😀") == expected - 2**32 * (expected >= 2**31)
+
+
+def test_channel_push_has_room_title_and_sender_prefixed_text() -> None:
+    content = build_push_content(message(), GENERAL, BOB, SETTINGS, badge=3, now=NOW)
+    assert (content.title, content.text) == ("#general", "alice: hello")
+    assert (content.uid, content.rid, content.mid, content.badge) == ("u-bob", "GENERAL", "m1", 3)
+    assert content.not_id == 1666299236
+
+
+def test_direct_message_push_has_sender_title_and_bare_text() -> None:
+    content = build_push_content(message(rid=DM.id), DM, BOB, SETTINGS, badge=1, now=NOW)
+    assert (content.title, content.text) == ("alice", "hello")
+
+
+def test_real_names_are_used_when_the_server_shows_them() -> None:
+    settings = dataclasses.replace(SETTINGS, use_real_name=True)
+    content = build_push_content(message(), GENERAL, BOB, settings, badge=0, now=NOW)
+    assert content.text == "Alice Liddell: hello"
+    assert content.payload["senderName"] == "Alice Liddell"
+
+
+def test_hiding_username_and_room_leaves_only_the_message() -> None:
+    settings = dataclasses.replace(SETTINGS, push_show_username_room=False)
+    content = build_push_content(message(), GENERAL, BOB, settings, badge=0, now=NOW)
+    assert (content.title, content.text) == ("", "hello")
+    assert (content.payload["senderName"], content.payload["name"]) == ("", "")
+
+
+def test_hiding_the_message_sends_generic_text() -> None:
+    settings = dataclasses.replace(SETTINGS, push_show_message=False)
+    content = build_push_content(message("secret"), GENERAL, BOB, settings, badge=0, now=NOW)
+    assert content.text == f"alice: {GENERIC_TEXT}"
+
+
+def test_encrypted_message_sends_generic_text_and_the_ciphertext_for_the_app() -> None:
+    content = build_push_content(
+        message("c1ph3r", type="e2e"), GENERAL, BOB, SETTINGS, badge=0, now=NOW
+    )
+    assert content.text == f"alice: {ENCRYPTED_TEXT}"
+    assert content.payload["msg"] == "c1ph3r"
+
+
+def test_id_only_mode_sends_no_content_at_all() -> None:
+    settings = dataclasses.replace(SETTINGS, push_request_content_from_server=True)
+    content = build_push_content(message("secret"), GENERAL, BOB, settings, badge=2, now=NOW)
+    assert content.id_only
+    assert (content.title, content.text) == ("", GENERIC_TEXT)
+    assert content.payload == {
+        "host": "https://chat.example.org/",
+        "messageId": "m1",
+        "notificationType": "message-id-only",
+    }
+
+
+def test_long_title_and_text_are_cut_to_the_gateway_limits() -> None:
+    room = dataclasses.replace(GENERAL, fname="r" * 100)
+    content = build_push_content(message("x" * 500), room, BOB, SETTINGS, badge=0, now=NOW)
+    assert len(content.title) == TITLE_LIMIT and content.title.endswith("...")
+    assert len(content.text) == TEXT_LIMIT and content.text.endswith("...")
+
+
+@given(st.text(max_size=400), st.integers(min_value=3, max_value=300))
+def test_truncation_never_exceeds_the_limit_in_utf16_units(text: str, limit: int) -> None:
+    cut = truncate(text, limit)
+    assert len(cut.encode("utf-16-le")) // 2 <= limit
+    assert cut == text or cut.endswith("...")
+
+
+def test_room_the_recipient_cannot_write_to_has_no_reply_category() -> None:
+    content = build_push_content(
+        message(), GENERAL, BOB, SETTINGS, badge=0, now=NOW, can_reply=False
+    )
+    assert content.category == "MESSAGE_NOREPLY"
+
+
+def test_attachment_without_text_says_so() -> None:
+    content = build_push_content(
+        message("", has_attachments=True), GENERAL, BOB, SETTINGS, badge=0, now=NOW
+    )
+    assert content.text == "alice: Sent an attachment"
+
+
+@pytest.mark.parametrize("kind", ["apn", "gcm"])
+def test_gateway_body_is_exactly_rocket_chats(kind: str) -> None:
+    thread_reply = message(tmid="m0")
+    content = build_push_content(thread_reply, GENERAL, BOB, SETTINGS, badge=4, now=NOW)
+    device = Device(token_id="t1", kind=kind, token="dev-token", app_name="chat.rocket.ios")  # type: ignore[arg-type]
+    expected_options = {
+        "createdAt": "2023-11-14T22:13:20.250Z",
+        "createdBy": "<SERVER>",
+        "sent": False,
+        "sending": 0,
+        "from": "push",
+        "title": "#general",
+        "text": "alice: hello",
+        "userId": "u-bob",
+        "payload": {
+            "host": "https://chat.example.org/",
+            "messageId": "m1",
+            "notificationType": "message",
+            "rid": "GENERAL",
+            "sender": {"_id": "u-alice", "username": "alice", "name": "Alice Liddell"},
+            "senderName": "alice",
+            "type": "c",
+            "name": "general",
+            "messageType": None,
+            "tmid": "m0",
+        },
+        "badge": 4,
+        "sound": "default",
+        "notId": 1666299236,
+        "uniqueId": "abc123",
+        "apn": {"category": "MESSAGE"},
+        "gcm": {"image": "https://chat.example.org/assets/favicon_192.png", "style": "inbox"},
+    }
+    if kind == "apn":
+        expected_options["topic"] = "chat.rocket.ios"
+    assert gateway_body(content, device) == {"token": "dev-token", "options": expected_options}

@@ -1,0 +1,246 @@
+"""PushSender: what each gateway answer does to the token, the retry and the ledger."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+from pymongo.asynchronous.database import AsyncDatabase
+
+from streamer.config import DeliveryConfig
+from streamer.delivery.base import Device
+from streamer.delivery.errors import Outcome
+from streamer.delivery.gateway import GatewayPushkin, WorkspaceToken
+from streamer.delivery.http import InFlightCap, make_http_client
+from streamer.delivery.ledger import SentLedger
+from streamer.delivery.sender import Attempts, Delivered, GivenUp, PushSender, RetryAt, device_of
+from streamer.model import PUSH_TOKENS, PushToken
+from tests import factories
+from tests.servers import Reply, StubApp, serve_http
+from tests.test_gateway import CONTENT, NOW, Clock, store_workspace_token
+
+Doc = dict[str, object]
+CONFIG = DeliveryConfig(
+    concurrency=8, timeout=0.5, retry_initial=1.0, retry_max=300.0, give_up_after=3600.0
+)
+ALICE = factories.user("alice")
+FIRST = Attempts(0, None)
+MakeSender = Callable[[], PushSender]
+
+
+@pytest.fixture
+def stub() -> StubApp:
+    return StubApp()
+
+
+@pytest.fixture
+def gateway_url(stub: StubApp) -> Iterator[str]:
+    with serve_http(stub) as url:
+        yield url
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    async with make_http_client(CONFIG) as http:
+        yield http
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def make_sender(
+    db: AsyncDatabase[Doc], client: httpx.AsyncClient, gateway_url: str, clock: Clock
+) -> AsyncIterator[MakeSender]:
+    """A fresh sender per call, as after a restart: nothing shared but the database."""
+    await store_workspace_token(db, "workspace-token-1")
+
+    def make() -> PushSender:
+        pushkin = GatewayPushkin(
+            client, lambda: [gateway_url], WorkspaceToken(db, clock), clock=clock
+        )
+        ledger = SentLedger(db)
+        return PushSender(
+            {"apn": pushkin, "gcm": pushkin},
+            db,
+            CONFIG,
+            cap=InFlightCap(4),
+            ledger=ledger,
+            clock=clock,
+        )
+
+    yield make
+
+
+async def stored_devices(db: AsyncDatabase[Doc], *kinds: str) -> list[Device]:
+    docs = [
+        factories.push_token(ALICE, kind, token={kind: f"{kind}-{i}"})
+        for i, kind in enumerate(kinds)
+    ]
+    await db[PUSH_TOKENS].insert_many(docs)
+    return [device_of(PushToken.from_doc(doc)) for doc in docs]
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.mark.anyio
+async def test_every_device_of_the_user_gets_the_push(
+    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp
+) -> None:
+    devices = await stored_devices(db, "apn", "gcm", "gcm", "gcm", "apn", "gcm")
+    result = await make_sender().send(CONTENT, devices, FIRST)
+    assert result == Delivered()
+    assert sorted(r.json()["token"] for r in stub.received()) == sorted(d.token for d in devices)
+
+
+@pytest.mark.anyio
+async def test_a_dead_token_is_deleted_from_rocket_chat(
+    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp
+) -> None:
+    dead, alive = await stored_devices(db, "gcm", "apn")
+    stub.script("/push/gcm/send", Reply(406))
+    deleted_before = metric("streamer_tokens_deleted_total")
+    assert await make_sender().send(CONTENT, [dead, alive], FIRST) == Delivered()
+    remaining = [doc["_id"] async for doc in db[PUSH_TOKENS].find({})]
+    assert remaining == [alive.token_id]
+    assert metric("streamer_tokens_deleted_total") == deleted_before + 1
+
+
+@pytest.mark.anyio
+async def test_a_rejected_push_is_dropped_and_the_token_kept(
+    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp
+) -> None:
+    [device] = await stored_devices(db, "gcm")
+    stub.script("/push/gcm/send", Reply(422))
+    assert await make_sender().send(CONTENT, [device], FIRST) == Delivered()
+    assert await db[PUSH_TOKENS].count_documents({}) == 1
+
+
+@pytest.mark.anyio
+async def test_retry_after_is_honoured(
+    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp, clock: Clock
+) -> None:
+    [device] = await stored_devices(db, "gcm")
+    stub.script("/push/gcm/send", Reply(429, headers={"retry-after": "120"}))
+    result = await make_sender().send(CONTENT, [device], FIRST)
+    assert isinstance(result, RetryAt)
+    assert result.at == NOW + 120
+    assert result.attempts == Attempts(1, NOW)
+
+
+@pytest.mark.anyio
+async def test_server_errors_back_off_exponentially_with_jitter(
+    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp, clock: Clock
+) -> None:
+    [device] = await stored_devices(db, "gcm")
+    stub.script("/push/gcm/send", Reply(503), Reply(503))
+    sender = make_sender()
+    first = await sender.send(CONTENT, [device], FIRST)
+    assert isinstance(first, RetryAt)
+    assert NOW + 1 <= first.at <= NOW + 2  # initial, plus up to `initial` of jitter
+    clock.now = first.at
+    second = await sender.send(CONTENT, [device], first.attempts)
+    assert isinstance(second, RetryAt)
+    assert clock.now + 2 <= second.at <= clock.now + 3
+    assert second.attempts == Attempts(2, NOW)
+
+
+@pytest.mark.anyio
+async def test_retry_then_success_pushes_only_the_devices_that_failed(
+    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp, clock: Clock
+) -> None:
+    iphone, android = await stored_devices(db, "apn", "gcm")
+    stub.script("/push/gcm/send", Reply(500))
+    sender = make_sender()
+    retry = await sender.send(CONTENT, [iphone, android], FIRST)
+    assert isinstance(retry, RetryAt)
+    clock.now = retry.at
+    assert await sender.send(CONTENT, [iphone, android], retry.attempts) == Delivered()
+    paths = sorted(r.path for r in stub.received())
+    assert paths == ["/push/apn/send", "/push/gcm/send", "/push/gcm/send"]
+
+
+@pytest.mark.anyio
+async def test_a_push_failing_past_give_up_after_is_given_up(
+    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp
+) -> None:
+    [device] = await stored_devices(db, "gcm")
+    stub.script("/push/gcm/send", Reply(503))
+    failing_since = NOW - CONFIG.give_up_after
+    given_up_before = metric("streamer_push_given_up_total")
+    result = await make_sender().send(CONTENT, [device], Attempts(7, failing_since))
+    assert isinstance(result, GivenUp)
+    assert "503" in result.error
+    assert metric("streamer_push_given_up_total") == given_up_before + 1
+
+
+@pytest.mark.anyio
+async def test_invalid_credentials_retry_and_mark_the_sender_unhealthy_until_a_success(
+    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp, clock: Clock
+) -> None:
+    [device] = await stored_devices(db, "apn")
+    stub.script("/push/apn/send", Reply(401), Reply(401))
+    sender = make_sender()
+    result = await sender.send(CONTENT, [device], FIRST)
+    assert isinstance(result, RetryAt)
+    assert "streamer doctor" in result.error
+    assert not sender.healthy
+    clock.now = result.at
+    assert await sender.send(CONTENT, [device], result.attempts) == Delivered()
+    assert sender.healthy
+
+
+@pytest.mark.anyio
+async def test_a_device_marked_sent_before_a_crash_is_not_pushed_again(
+    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp
+) -> None:
+    [device] = await stored_devices(db, "gcm")
+    ledger = SentLedger(db)
+    await ledger.claim(CONTENT.uid, CONTENT.mid, [device], NOW)
+    await ledger.finish(CONTENT.uid, CONTENT.mid, device, Outcome.SENT, NOW)
+    # the process dies here; a new one picks the queue entry up again
+    assert await make_sender().send(CONTENT, [device], FIRST) == Delivered()
+    assert stub.received() == []
+
+
+@pytest.mark.anyio
+async def test_a_push_whose_outcome_a_crash_hid_is_not_repeated(
+    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp
+) -> None:
+    [device] = await stored_devices(db, "gcm")
+    await SentLedger(db).claim(CONTENT.uid, CONTENT.mid, [device], NOW)
+    # the process dies between the request and the mark: at most once
+    assert await make_sender().send(CONTENT, [device], FIRST) == Delivered()
+    assert stub.received() == []
+
+
+@pytest.mark.anyio
+async def test_the_same_message_to_the_same_device_twice_is_pushed_once(
+    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp
+) -> None:
+    [device] = await stored_devices(db, "gcm")
+    twin = dataclasses.replace(device, token_id="another-doc-same-token")
+    sender = make_sender()
+    assert await sender.send(CONTENT, [device, twin], FIRST) == Delivered()
+    assert await sender.send(CONTENT, [device], FIRST) == Delivered()
+    assert len(stub.received()) == 1
+
+
+@pytest.mark.anyio
+async def test_pushes_are_counted_by_provider_and_result(
+    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp
+) -> None:
+    devices = await stored_devices(db, "gcm", "apn")
+    stub.script("/push/apn/send", Reply(422))
+    sent = metric("streamer_pushes_total", provider="gateway", result="sent")
+    rejected = metric("streamer_pushes_total", provider="gateway", result="rejected")
+    await make_sender().send(CONTENT, devices, FIRST)
+    assert metric("streamer_pushes_total", provider="gateway", result="sent") == sent + 1
+    assert metric("streamer_pushes_total", provider="gateway", result="rejected") == rejected + 1
