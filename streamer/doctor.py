@@ -11,23 +11,21 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import json
-import stat
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TextIO
 
 import anyio
 import httpx
 from bson import Timestamp
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from pymongo import DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
-from streamer.config import Config, override_settings
+from streamer.config import Config, ConfigError, override_settings
+from streamer.delivery.apns import load_signing_key
+from streamer.delivery.fcm import load_service_account
 from streamer.directory import DatabaseDirectory
 from streamer.model import (
     MESSAGES,
@@ -420,14 +418,18 @@ async def check_fcm(ctx: Context) -> Check:
     path = ctx.config.fcm.service_account_file
     if not path:
         return await _not_configured(ctx, name, "gcm", "[fcm] service_account_file")
-    problems = _key_file_problems(path)
-    if not problems:
-        problems = _service_account_problems(Path(path), ctx.config.fcm.project_id)
-    if problems:
+    try:
+        account = load_service_account(path)
+    except ConfigError as exc:
+        problem = str(exc)
+    else:
+        project = ctx.config.fcm.project_id or account.project_id
+        problem = "" if project else f"{path} has no project_id and [fcm] project_id is not set"
+    if problem:
         return Check(
             name,
             Status.FAIL,
-            f"{path}: " + "; ".join(problems),
+            problem,
             "Download a service-account JSON key (Firebase console > Project settings > "
             "Service accounts), store it readable by streamer only (chmod 600) and point "
             "[fcm] service_account_file at it.",
@@ -435,59 +437,27 @@ async def check_fcm(ctx: Context) -> Check:
     return _pass(name, f"{path} is a readable, private service-account key")
 
 
-def _service_account_problems(path: Path, project_id: str | None) -> list[str]:
-    try:
-        account = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return ["not a JSON file"]
-    if not isinstance(account, Mapping):
-        return ["not a service-account JSON object"]
-    wanted = ["client_email", "private_key"] + ([] if project_id else ["project_id"])
-    missing = [key for key in wanted if not isinstance(account.get(key), str)]
-    return [f"missing {', '.join(missing)}"] if missing else []
-
-
 async def check_apns(ctx: Context) -> Check:
     name = "APNs credentials (iOS)"
     apns = ctx.config.apns
     if not apns.key_file:
         return await _not_configured(ctx, name, "apn", "[apns] key_file")
-    problems = _key_file_problems(apns.key_file) or _p8_problems(Path(apns.key_file))
-    problems += [
+    problems = [
         f"[apns] {key} is not set" for key in ("key_id", "team_id") if not getattr(apns, key)
     ]
+    try:
+        load_signing_key(apns.key_file)
+    except ConfigError as exc:
+        problems.insert(0, str(exc))
     if problems:
         return Check(
             name,
             Status.FAIL,
-            f"{apns.key_file}: " + "; ".join(problems),
+            "; ".join(problems),
             "Create an APNs auth key (.p8) in the Apple developer account, store it readable "
             "by streamer only (chmod 600), and set [apns] key_file, key_id and team_id.",
         )
     return _pass(name, f"{apns.key_file} is a readable, private .p8 key")
-
-
-def _p8_problems(path: Path) -> list[str]:
-    try:
-        load_pem_private_key(path.read_bytes(), password=None)
-    except (ValueError, TypeError):
-        return ["not a .p8 private key"]
-    return []
-
-
-def _key_file_problems(path: str) -> list[str]:
-    try:
-        mode = Path(path).stat().st_mode
-        with Path(path).open("rb"):
-            pass
-    except OSError as exc:
-        return [f"cannot read it ({exc.strerror})"]
-    if mode & stat.S_IROTH:
-        return [
-            f"it is world-readable (mode {stat.filemode(mode)}): "
-            "anyone on the host can send pushes as your app"
-        ]
-    return []
 
 
 async def _not_configured(ctx: Context, name: str, kind: str, key: str) -> Check:

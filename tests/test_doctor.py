@@ -19,7 +19,7 @@ import anyio
 import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pymongo.asynchronous.database import AsyncDatabase
 
 from streamer import doctor
@@ -311,7 +311,15 @@ def _p8() -> bytes:
 
 
 def _service_account() -> bytes:
-    key = _p8().decode()
+    key = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        .decode()
+    )
     return (
         b'{"type": "service_account", "project_id": "p", "client_email": "s@p.iam", '
         b'"private_key": ' + repr(key).replace("'", '"').encode() + b"}"
@@ -348,7 +356,7 @@ async def test_a_world_readable_apns_key_fails(
     await seed_healthy(db)
     check = only_failure(await run_checks(direct_config(config, tmp_path, 0o644), db, http))
     assert check.name == "APNs credentials (iOS)"
-    assert "world-readable" in check.detail
+    assert "readable by every user" in check.detail
     assert "chmod 600" in check.fix
 
 
@@ -361,7 +369,7 @@ async def test_an_unreadable_fcm_key_fails(
     )
     check = only_failure(await run_checks(missing, db, http))
     assert check.name == "FCM credentials (Android)"
-    assert "cannot read it" in check.detail
+    assert "does not exist" in check.detail
 
 
 async def test_android_devices_without_fcm_credentials_fail(
