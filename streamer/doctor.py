@@ -311,24 +311,28 @@ async def check_registration(ctx: Context) -> Check:
 
 
 async def load_workspace_token(db: AsyncDatabase[Doc], settings: Settings) -> WorkspaceToken | None:
-    """The workspace access token Rocket.Chat stored: the one that expires last, else the
-    Cloud_Workspace_Access_Token setting of older servers."""
-    best: WorkspaceToken | None = None
+    """The token the gateway pushkin presents, with its expiry and where it was found.
+
+    Same choice as `streamer.delivery.gateway.WorkspaceToken`: the default (empty)
+    scope first, then the one that expires last; else the settings of older servers.
+    """
+    best: tuple[tuple[bool, float], WorkspaceToken] | None = None
     async for doc in db[WORKSPACE_CREDENTIALS].find({"accessToken": {"$type": "string"}}):
-        candidate = WorkspaceToken(
+        token = WorkspaceToken(
             doc["accessToken"], to_epoch(doc.get("expirationDate")), WORKSPACE_CREDENTIALS
         )
-        if candidate.access_token and (
-            best is None or (candidate.expires_at or 0) > (best.expires_at or 0)
-        ):
-            best = candidate
-    if best is None and settings.workspace_access_token:
-        best = WorkspaceToken(
+        rank = (doc.get("scope") in ("", None), token.expires_at or 0.0)
+        if token.access_token and (best is None or rank > best[0]):
+            best = (rank, token)
+    if best is not None:
+        return best[1]
+    if settings.workspace_access_token:
+        return WorkspaceToken(
             settings.workspace_access_token,
             settings.workspace_access_token_expires_at,
             "setting Cloud_Workspace_Access_Token",
         )
-    return best
+    return None
 
 
 async def check_workspace_token(ctx: Context) -> Check:
