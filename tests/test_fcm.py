@@ -8,14 +8,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+import anyio
 import httpx
 import jwt
 import pytest
 
-from streamer.config import ConfigError, FcmConfig
+from streamer.config import ConfigError, DeliveryConfig, FcmConfig
 from streamer.delivery.base import Device, PushContent
 from streamer.delivery.errors import CredentialsError, Outcome, TemporaryDeliveryError
 from streamer.delivery.fcm import FCM_SCOPE, JWT_BEARER_GRANT, FcmPushkin
+from streamer.delivery.http import make_http_client
 from streamer.devmongo import free_port
 from tests.credentials import (
     SERVICE_ACCOUNT_EMAIL,
@@ -85,7 +87,8 @@ async def fcm_pushkin(
 ) -> AsyncIterator[tuple[FcmPushkin, Any]]:
     path, public_key = write_service_account(tmp_path, token_uri=google.oauth_url + TOKEN_PATH)
     settings = {"service_account_file": str(path), "base_url": google.fcm_url, **config}
-    async with httpx.AsyncClient() as client:
+    # The process's shared client (aiohttp transport), as the daemon uses it.
+    async with make_http_client(DeliveryConfig()) as client:
         pushkin = FcmPushkin(FcmConfig(**settings), client=client, clock=clock)
         yield pushkin, public_key
         await pushkin.aclose()
@@ -147,6 +150,19 @@ async def test_access_token_is_fetched_once_and_reused(
             assert await pushkin.dispatch(CONTENT, DEVICE) is Outcome.SENT
     assert len(google.token_requests()) == 1
     assert [r.headers["authorization"] for r in google.sends()] == ["Bearer token-1"] * 3
+
+
+async def test_concurrent_pushes_share_one_token_request(
+    tmp_path: Path, google: Google, clock: ManualClock
+) -> None:
+    async with (
+        fcm_pushkin(tmp_path, google, clock) as (pushkin, _),
+        anyio.create_task_group() as tg,
+    ):
+        for _ in range(5):
+            tg.start_soon(pushkin.dispatch, CONTENT, DEVICE)
+    assert len(google.token_requests()) == 1
+    assert len(google.sends()) == 5
 
 
 async def test_access_token_is_renewed_shortly_before_it_expires(

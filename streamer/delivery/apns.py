@@ -25,14 +25,12 @@ from streamer.delivery.direct import (
     BearerToken,
     Clock,
     TokenCache,
-    counted,
-    credentials_error,
     is_temporary,
     load_secret_file,
     send,
     temporary_error,
 )
-from streamer.delivery.errors import Outcome
+from streamer.delivery.errors import CredentialsError, Outcome
 
 PROVIDER = "apns"
 PRODUCTION_URL = "https://api.push.apple.com"
@@ -113,8 +111,8 @@ class ApnsPushkin:
     async def dispatch(self, content: PushContent, device: Device) -> Outcome:
         topic = self._topic or device.app_name
         if not topic:
-            log.warning("apns push without a topic: set [apns] topic", token_id=device.token_id)
-            return counted(PROVIDER, Outcome.REJECTED)
+            log.warning("apns_push_without_topic", fix="set [apns] topic", token_id=device.token_id)
+            return Outcome.REJECTED
         body = orjson.dumps(apns_payload(content))
         headers = apns_headers(content, topic, self._clock())
         url = f"{self.base_url}/3/device/{quote(device.token, safe='')}"
@@ -138,25 +136,24 @@ class ApnsPushkin:
     def _outcome(self, response: httpx.Response, device: Device) -> Outcome:
         status, reason = response.status_code, _reason(response)
         if status == 200:
-            return counted(PROVIDER, Outcome.SENT)
+            return Outcome.SENT
         if is_temporary(status):
             raise temporary_error(PROVIDER, response, self._clock())
         if status == 403:
-            raise credentials_error(
-                PROVIDER,
-                f"{self.base_url} refused the provider token ({reason}); check key_id "
-                f"{self._key_id}, team_id {self._team_id} and that the .p8 key is not revoked",
+            raise CredentialsError(
+                f"{PROVIDER}: {self.base_url} refused the provider token ({reason}); check key_id "
+                f"{self._key_id}, team_id {self._team_id} and that the .p8 key is not revoked"
             )
         dead = status == 410 or (status == 400 and reason in DEAD_TOKEN_REASONS)
         outcome = Outcome.DEAD_TOKEN if dead else Outcome.REJECTED
         log.warning(
-            "apns refused the push",
+            "apns_push_refused",
             outcome=outcome.value,
             status=status,
             error=reason,
             token_id=device.token_id,
         )
-        return counted(PROVIDER, outcome)
+        return outcome
 
     async def _mint(self) -> BearerToken:
         now = self._clock()

@@ -9,7 +9,6 @@ that are cached and renewed before they expire.
 from __future__ import annotations
 
 import stat
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +16,8 @@ from pathlib import Path
 import anyio
 import httpx
 
-from streamer import metrics
 from streamer.config import ConfigError
-from streamer.delivery.errors import (
-    CredentialsError,
-    Outcome,
-    TemporaryDeliveryError,
-    retry_after_seconds,
-)
+from streamer.delivery.errors import TemporaryDeliveryError, retry_after_seconds
 
 Clock = Callable[[], float]
 
@@ -87,23 +80,20 @@ class TokenCache:
 
 
 async def send(client: httpx.AsyncClient, provider: str, request: httpx.Request) -> httpx.Response:
-    """Send one provider request; a network failure or timeout is a temporary error."""
-    started = time.perf_counter()
+    """Send one provider request; a network failure or timeout is a temporary error.
+
+    Metrics are the sender's (`PushSender` counts outcomes and times each dispatch).
+    """
     try:
-        response = await client.send(request)
+        return await client.send(request)
     except httpx.TransportError as exc:
-        metrics.PUSHES.labels(provider, "temporary").inc()
         raise TemporaryDeliveryError(
             f"{provider}: {request.url.host} unreachable: {exc!r}"
         ) from exc
-    finally:
-        metrics.PUSH_LATENCY.labels(provider).observe(time.perf_counter() - started)
-    return response
 
 
 def temporary_error(provider: str, response: httpx.Response, now: float) -> TemporaryDeliveryError:
     """A 429/5xx as a retryable error carrying the provider's Retry-After."""
-    metrics.PUSHES.labels(provider, "temporary").inc()
     return TemporaryDeliveryError(
         f"{provider} answered {response.status_code}: {response.text[:200]}",
         retry_after_seconds(response.headers.get("retry-after"), now),
@@ -112,15 +102,3 @@ def temporary_error(provider: str, response: httpx.Response, now: float) -> Temp
 
 def is_temporary(status: int) -> bool:
     return status == 429 or status >= 500
-
-
-def counted(provider: str, outcome: Outcome) -> Outcome:
-    """Record a permanent outcome in the push metric and hand it back."""
-    metrics.PUSHES.labels(provider, outcome.name.lower()).inc()
-    return outcome
-
-
-def credentials_error(provider: str, message: str) -> CredentialsError:
-    """The provider refused our credentials even when freshly minted: tell the operator."""
-    metrics.PUSHES.labels(provider, "credentials").inc()
-    return CredentialsError(f"{provider}: {message}")

@@ -67,7 +67,7 @@ class SmtpServer:
                 username=config.username or settings.smtp_username,
                 password=config.password or settings.smtp_password,
             )
-        log.info("email notifications are off", reason=why)
+        log.info("email_notifications_off", reason=why)
         return None
 
 
@@ -239,7 +239,7 @@ class Mailer:
                 f"SMTP {self.server.host}:{self.server.port} unavailable: {exc!r}"
             ) from exc
         except ValueError as exc:
-            log.warning("email not sendable", uid=content.uid, mid=content.mid, error=str(exc))
+            log.warning("email_not_sendable", uid=content.uid, mid=content.mid, error=str(exc))
             metrics.EMAILS.labels("rejected").inc()
             return Outcome.REJECTED
         metrics.EMAILS.labels("sent").inc()
@@ -266,7 +266,7 @@ class Mailer:
                 f"SMTP {self.server.host} deferred the mail: {code} {reply}"
             )
         log.warning(
-            "smtp refused the mail",
+            "smtp_refused_mail",
             uid=content.uid,
             mid=content.mid,
             code=code,

@@ -23,14 +23,12 @@ from streamer.delivery.direct import (
     BearerToken,
     Clock,
     TokenCache,
-    counted,
-    credentials_error,
     is_temporary,
     load_secret_file,
     send,
     temporary_error,
 )
-from streamer.delivery.errors import Outcome, TemporaryDeliveryError
+from streamer.delivery.errors import CredentialsError, Outcome, TemporaryDeliveryError
 
 PROVIDER = "fcm"
 FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
@@ -141,11 +139,10 @@ class FcmPushkin:
         if _refused_credentials(response):
             response = await self._post(body, await self._tokens.renew(token))
             if _refused_credentials(response):
-                raise credentials_error(
-                    PROVIDER,
-                    f"{self._send_url} refused a fresh access token ({response.status_code}: "
-                    f"{_error(response).get('message', '')}); check project_id and that the "
-                    "service account may send with Firebase Cloud Messaging",
+                why = f"{response.status_code}: {_error(response).get('message', '')}"
+                raise CredentialsError(
+                    f"{PROVIDER}: {self._send_url} refused a fresh access token ({why}); check "
+                    "project_id and that the service account may send with Firebase Cloud Messaging"
                 )
         return self._outcome(response, device)
 
@@ -160,19 +157,19 @@ class FcmPushkin:
     def _outcome(self, response: httpx.Response, device: Device) -> Outcome:
         status = response.status_code
         if status == 200:
-            return counted(PROVIDER, Outcome.SENT)
+            return Outcome.SENT
         if is_temporary(status):
             raise temporary_error(PROVIDER, response, self._clock())
         error = _error(response)
         outcome = Outcome.DEAD_TOKEN if _token_is_dead(status, error) else Outcome.REJECTED
         log.warning(
-            "fcm refused the push",
+            "fcm_push_refused",
             outcome=outcome.value,
             status=status,
             error=error.get("message"),
             token_id=device.token_id,
         )
-        return counted(PROVIDER, outcome)
+        return outcome
 
     async def _fetch_token(self) -> BearerToken:
         """Trade a freshly signed assertion for an OAuth access token."""
@@ -192,11 +189,10 @@ class FcmPushkin:
         if is_temporary(response.status_code):
             raise temporary_error(PROVIDER, response, now)
         if response.status_code != 200:
-            raise credentials_error(
-                PROVIDER,
-                f"{self._token_url} refused the service account "
+            raise CredentialsError(
+                f"{PROVIDER}: {self._token_url} refused the service account "
                 f"{self._account.client_email} ({response.status_code}: {response.text[:200]}); "
-                "the key may be revoked: download a new one",
+                "the key may be revoked: download a new one"
             )
         return _bearer_token(response, now)
 
