@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import orjson
 
@@ -182,7 +182,14 @@ def _merge_env(raw: dict[str, dict[str, tuple[Any, str]]], env: Mapping[str, str
             continue
         section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
         _check_key(section, key, f"environment variable {name}")
-        raw.setdefault(section, {})[key] = (_parse_env_value(text), f"environment {name}")
+        value = text if _is_text(section, key) else _parse_env_value(text)
+        raw.setdefault(section, {})[key] = (value, f"environment {name}")
+
+
+def _is_text(section: str, key: str) -> bool:
+    """Text keys take the env value as typed: a password `true` or `1e5` must stay one."""
+    expected = typing.get_type_hints(_sections()[section])[key]
+    return bool(expected is str or expected == str | None)
 
 
 def _parse_env_value(text: str) -> Any:
@@ -213,38 +220,47 @@ def _build(raw: dict[str, dict[str, tuple[Any, str]]]) -> Config:
     built: dict[str, Any] = {}
     for section, cls in _sections().items():
         hints = typing.get_type_hints(cls)
+        secret = {f.name for f in dataclasses.fields(cls) if _is_secret(f)}
         values = {
-            key: _coerce(value, hints[key], where)
+            key: _coerce(value, hints[key], where, key in secret)
             for key, (value, where) in raw.get(section, {}).items()
         }
         built[section] = cls(**values)
     return Config(**built)
 
 
-def _coerce(value: Any, expected: Any, where: str) -> Any:
-    """Check `value` against a field's type; ints widen to floats, lists to tuples."""
+def _is_secret(f: dataclasses.Field[Any]) -> bool:
+    return bool(f.metadata.get("secret") or f.metadata.get("secret_uri"))
+
+
+def _coerce(value: Any, expected: Any, where: str, secret: bool = False) -> Any:
+    """Check `value` against a field's type; ints widen to floats, lists to tuples.
+
+    The error of a `secret` key names the key and the type it got, never the value.
+    """
     origin = typing.get_origin(expected)
     args = typing.get_args(expected)
+    got = f"{REDACTED} (a {type(value).__name__})" if secret else repr(value)
     if origin in (types.UnionType, typing.Union):
         inner = next(a for a in args if a is not type(None))
-        return _coerce(value, inner, where)
+        return _coerce(value, inner, where, secret)
     if origin is Literal:
         if value not in args:
             choices = " or ".join(repr(a) for a in args)
-            raise ConfigError(f"{where}: expected {choices}, got {value!r}")
+            raise ConfigError(f"{where}: expected {choices}, got {got}")
         return value
     if origin is tuple:
         if isinstance(value, str):
             value = [line.strip() for line in value.replace(",", "\n").splitlines() if line.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: expected a list of strings, got {value!r}")
+            raise ConfigError(f"{where}: expected a list of strings, got {got}")
         return tuple(value)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if expected is str and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ConfigError(f"{where}: expected {expected.__name__}, got {value!r}")
+        raise ConfigError(f"{where}: expected {expected.__name__}, got {got}")
     return value
 
 
@@ -285,7 +301,8 @@ def secret_values(config: Config) -> list[str]:
             if f.metadata.get("secret") and value:
                 found.append(str(value))
             elif f.metadata.get("secret_uri") and (password := urlsplit(value).password):
-                found.append(password)
+                # As written in the URI and as sent (a driver error may show either).
+                found.extend(dict.fromkeys([password, unquote(password)]))
     return found
 
 
