@@ -14,9 +14,10 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
@@ -53,6 +54,8 @@ class DevMongo:
     port: int
     dbpath: Path
     extra_args: tuple[str, ...] = ()
+    #: How the harness itself reaches the server, e.g. TLS options for a secured one.
+    client_options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def uri(self) -> str:
@@ -76,7 +79,7 @@ class DevMongo:
         """Start again on the same port and data; waits until it is primary."""
         self.stop()
         self.process = _spawn(self.port, self.dbpath, self.extra_args)
-        _wait_primary(self.port, timeout, initiate=False)
+        _wait_primary(self.port, timeout, initiate=False, client_options=self.client_options)
 
 
 def start(
@@ -84,17 +87,27 @@ def start(
     port: int | None = None,
     extra_args: tuple[str, ...] = (),
     timeout: float = 60.0,
+    client_options: Mapping[str, Any] | None = None,
 ) -> DevMongo:
+    """Spawn and initiate a one-member set; `client_options` are how the harness connects."""
+    client_options = dict(client_options or {})
     dbpath = dbpath or Path(tempfile.mkdtemp(prefix="streamer-mongo-"))
     dbpath.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     process = _spawn(port, dbpath, extra_args)
     try:
-        _wait_primary(port, timeout, initiate=True)
+        _wait_primary(port, timeout, initiate=True, client_options=client_options)
     except BaseException:
         process.kill()
+        process.wait()
         raise
-    return DevMongo(process=process, port=port, dbpath=dbpath, extra_args=extra_args)
+    return DevMongo(
+        process=process,
+        port=port,
+        dbpath=dbpath,
+        extra_args=extra_args,
+        client_options=client_options,
+    )
 
 
 def _spawn(port: int, dbpath: Path, extra_args: tuple[str, ...]) -> subprocess.Popen[bytes]:
@@ -112,10 +125,14 @@ def _spawn(port: int, dbpath: Path, extra_args: tuple[str, ...]) -> subprocess.P
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _wait_primary(port: int, timeout: float, initiate: bool) -> None:
+def _wait_primary(
+    port: int, timeout: float, initiate: bool, client_options: Mapping[str, Any]
+) -> None:
     deadline = time.monotonic() + timeout
     client: MongoClient[dict[str, object]] = MongoClient(
-        f"mongodb://127.0.0.1:{port}/?directConnection=true", serverSelectionTimeoutMS=500
+        f"mongodb://127.0.0.1:{port}/?directConnection=true",
+        serverSelectionTimeoutMS=500,
+        **client_options,
     )
     try:
         initiated = not initiate
@@ -142,9 +159,12 @@ def _wait_primary(port: int, timeout: float, initiate: bool) -> None:
 
 
 @contextlib.contextmanager
-def running(extra_args: tuple[str, ...] = ()) -> Iterator[DevMongo]:
+def running(
+    extra_args: tuple[str, ...] = (),
+    client_options: Mapping[str, Any] | None = None,
+) -> Iterator[DevMongo]:
     """A replica set for the duration of the block, its data removed afterwards."""
-    server = start(extra_args=extra_args)
+    server = start(extra_args=extra_args, client_options=client_options)
     try:
         yield server
     finally:
