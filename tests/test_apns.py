@@ -237,6 +237,21 @@ async def test_push_without_topic_is_rejected_without_a_request(
     assert apple.pushes() == []
 
 
+async def test_own_client_speaks_http2(
+    tmp_path: Path, apple: Apple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without an injected client the pushkin makes its own HTTP/2 one (APNs needs it)."""
+    monkeypatch.setenv("SSL_CERT_FILE", apple.ca)
+    path, _ = write_apns_key(tmp_path, KEY_ID)
+    config = ApnsConfig(key_file=str(path), key_id=KEY_ID, team_id=TEAM_ID, base_url=apple.url)
+    pushkin = ApnsPushkin(config, production=True)
+    try:
+        assert await pushkin.dispatch(CONTENT, DEVICE) is Outcome.SENT
+    finally:
+        await pushkin.aclose()
+    assert [p.http_version for p in apple.pushes()] == ["2"]
+
+
 @pytest.mark.parametrize(("production", "host"), [(True, PRODUCTION_URL), (False, SANDBOX_URL)])
 async def test_apple_host_follows_push_production(
     tmp_path: Path, production: bool, host: str
