@@ -1,0 +1,36 @@
+"""Highlight words: case-insensitive whole words, emoji codes ignored (Rocket.Chat ≥ 7.1).
+
+"light" does not match "highlighted", and "thumbsup" does not match `:thumbsup:`.
+The message text is normalised once per message; each distinct highlight
+compiles once per process.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from functools import lru_cache
+
+_EMOJI_CODE = re.compile(r":[\w+-]+:")
+
+
+def highlight_text(text: str) -> str:
+    """The message text as highlights are matched against: emoji codes out, case folded."""
+    return _EMOJI_CODE.sub(" ", text).casefold()
+
+
+@lru_cache(maxsize=4096)
+def _pattern(word: str) -> re.Pattern[str] | None:
+    word = word.strip().casefold()
+    if not word:
+        return None
+    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)")
+
+
+def is_highlighted(text: str, highlights: Iterable[str]) -> bool:
+    """Whether `text` (already through `highlight_text`) contains any highlight word."""
+    for word in highlights:
+        pattern = _pattern(word)
+        if pattern is not None and pattern.search(text):
+            return True
+    return False
