@@ -22,11 +22,11 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import orjson
 
+from streamer.model import REDACTED as REDACTED  # re-exported: where callers look for it
 from streamer.model import Settings
 
 ENV_PREFIX = "STREAMER_"
 CONFIG_PATH_ENV = "STREAMER_CONFIG"
-REDACTED = "***"
 
 
 class ConfigError(Exception):

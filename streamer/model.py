@@ -412,9 +412,10 @@ class Settings:
     smtp_host: str | None = None
     smtp_port: int | None = None
     smtp_username: str | None = None
-    smtp_password: str | None = None
+    #: Secrets: kept out of repr() so no log line or traceback can carry them.
+    smtp_password: str | None = field(default=None, repr=False)
     smtp_protocol: str | None = None
-    workspace_access_token: str | None = None
+    workspace_access_token: str | None = field(default=None, repr=False)
     workspace_access_token_expires_at: float | None = None
     problems: tuple[str, ...] = field(default=(), compare=False)
 
@@ -428,7 +429,8 @@ class Settings:
             raw = values[setting_id]
             parsed = parse(raw)
             if parsed is _INVALID:
-                problems.append(f"setting {setting_id}={raw!r} has the wrong type; default used")
+                shown = REDACTED if setting_id in SECRET_SETTINGS else repr(raw)
+                problems.append(f"setting {setting_id}={shown} has the wrong type; default used")
             else:
                 kwargs[attr] = parsed
         return cls(**kwargs, problems=tuple(problems))
@@ -514,6 +516,12 @@ _SETTING_PARSERS: dict[str, tuple[str, Any]] = {
     "Cloud_Workspace_Access_Token": ("workspace_access_token", _as_str),
     "Cloud_Workspace_Access_Token_Expires_At": ("workspace_access_token_expires_at", _as_time),
 }
+
+#: What stands in for a secret wherever one would be shown.
+REDACTED = "***"
+
+#: Settings whose values are credentials: never logged, never in a problem text.
+SECRET_SETTINGS: frozenset[str] = frozenset({"SMTP_Password", "Cloud_Workspace_Access_Token"})
 
 #: The `_id`s of every setting the sidecar reads, for the settings change stream's filter.
 SETTING_IDS: frozenset[str] = frozenset(_SETTING_PARSERS)
