@@ -11,20 +11,31 @@ from __future__ import annotations
 import secrets
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from pathlib import Path
 from urllib.parse import quote
 
 import orjson
 import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
+from structlog.testing import capture_logs
 
-from streamer.config import REDACTED, Config, ConfigError, load_config
+from streamer.config import REDACTED, Config, ConfigError, DeliveryConfig, EmailConfig, load_config
+from streamer.delivery.base import Device, PushContent
+from streamer.delivery.email import EmailContent, Mailer, SmtpServer
+from streamer.delivery.gateway import GatewayPushkin, WorkspaceToken
+from streamer.delivery.http import make_http_client
+from streamer.devmongo import free_port
 from streamer.directory import DatabaseDirectory
-from streamer.model import SETTINGS
+from streamer.model import SETTINGS, WORKSPACE_CREDENTIALS, Settings
 from tests import factories, securemongo
 from tests.securemongo import SecureMongo
+from tests.servers import Reply, StubApp, serve_http
 
 REPO = Path(__file__).resolve().parent.parent
 Doc = dict[str, object]
@@ -264,3 +275,112 @@ def test_password_from_the_environment_is_taken_as_typed(password: str) -> None:
 def test_http_endpoint_binds_to_loopback_by_default() -> None:
     host, _, _ = load_config(None, env={}).http.listen.rpartition(":")
     assert host == "127.0.0.1"
+
+
+# --- secrets read from Rocket.Chat's database ---------------------------------------------
+# The workspace token and SMTP_Password come from MongoDB, not the config, so the log
+# scrubber does not know them: only the code paths themselves keep them out.
+
+WORKSPACE_TOKEN = "workspace-" + secrets.token_hex(8)
+SMTP_SECRET = "smtp-setting-" + secrets.token_hex(8)
+DEVICE = Device(token_id="t-android", kind="gcm", token="gcm-token-1", app_name="chat.rocket")
+PUSH = PushContent(
+    uid="u-bob",
+    rid="GENERAL",
+    mid="m1",
+    title="#general",
+    text="alice: hello",
+    badge=1,
+    not_id=1666299236,
+    created_at=1_800_000_000.0,
+    payload={"host": "https://chat.example.org/", "messageId": "m1", "rid": "GENERAL"},
+)
+
+
+async def attempt(delivery: Awaitable[object]) -> str:
+    """The outcome, or the whole traceback an operator would see if it escaped."""
+    try:
+        return repr(await delivery)
+    except Exception as exc:
+        return "".join(traceback.format_exception(exc))
+
+
+def test_secret_settings_stay_out_of_repr_and_problems() -> None:
+    settings = Settings.from_values(
+        {"SMTP_Password": SMTP_SECRET, "Cloud_Workspace_Access_Token": WORKSPACE_TOKEN}
+    )
+    assert settings.smtp_password == SMTP_SECRET
+    assert SMTP_SECRET not in repr(settings) and WORKSPACE_TOKEN not in repr(settings)
+    wrong_type = Settings.from_values({"SMTP_Password": [SMTP_SECRET]})
+    assert wrong_type.problems == ("setting SMTP_Password=*** has the wrong type; default used",)
+
+
+@pytest.mark.anyio
+async def test_workspace_token_never_in_gateway_logs_or_errors(db: AsyncDatabase[Doc]) -> None:
+    await db[SETTINGS].insert_one(factories.setting("Cloud_Workspace_Access_Token", "old"))
+    await db[WORKSPACE_CREDENTIALS].insert_one(
+        {"_id": "c", "scope": "", "accessToken": WORKSPACE_TOKEN, "expirationDate": None}
+    )
+    gateway = StubApp()
+    gateway.script(
+        "/push/gcm/send",
+        *[Reply(401), Reply(401), Reply(500, b"oops"), Reply(429, headers={"retry-after": "5"})],
+        *[Reply(422, {"error": "bad payload"}), Reply(406), Reply(delay=1.0)],
+    )
+    with serve_http(gateway) as url, capture_logs() as logs:
+        async with make_http_client(DeliveryConfig(timeout=0.5)) as http:
+            urls = [f"http://127.0.0.1:{free_port()}", url]  # the first one refuses connections
+            pushkin = GatewayPushkin(http, lambda: urls, WorkspaceToken(db))
+            seen = [await attempt(pushkin.dispatch(PUSH, DEVICE)) for _ in range(6)]
+    assert "CredentialsError" in seen[0] and "TemporaryDeliveryError" in seen[-1]
+    assert gateway.received()[0].headers["authorization"] == f"Bearer {WORKSPACE_TOKEN}"
+    assert WORKSPACE_TOKEN not in repr(logs) + "".join(seen)
+
+
+@pytest.mark.anyio
+async def test_smtp_password_never_in_logs_or_errors_when_the_login_is_refused() -> None:
+    def refuse(*_: object) -> AuthResult:
+        return AuthResult(success=False, handled=False)  # let aiosmtpd answer 535
+
+    port = free_port()
+    controller = Controller(
+        Sink(), hostname="127.0.0.1", port=port, authenticator=refuse, auth_require_tls=False
+    )
+    settings = Settings.from_values(
+        {
+            "SMTP_Host": "127.0.0.1",
+            "SMTP_Port": port,
+            "SMTP_Username": "rocket",
+            "SMTP_Password": SMTP_SECRET,
+            "From_Email": "rocket@example.org",
+        }
+    )
+    server = SmtpServer.resolve(EmailConfig(), settings)
+    assert server is not None
+    mail = EmailContent(
+        uid="u-bob",
+        mid="m1",
+        to="bob@example.org",
+        room_name="general",
+        room_type="c",
+        sender_name="alice",
+        text="hello",
+        site_name="Chat",
+        site_url="https://chat.example.org",
+        room_url="https://chat.example.org/channel/general",
+    )
+    controller.start()
+    try:
+        with capture_logs() as logs:
+            seen = await attempt(Mailer(server).send(mail))
+    finally:
+        controller.stop()
+    assert "CredentialsError" in seen
+    assert SMTP_SECRET not in repr(logs) + seen + repr(server)
+
+
+class Sink:
+    """An SMTP handler that accepts whatever it is given; the login is what is tested."""
+
+    async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
+        return "250 OK"
