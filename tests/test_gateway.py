@@ -12,7 +12,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from streamer.config import DeliveryConfig
 from streamer.delivery.base import Device, PushContent
 from streamer.delivery.errors import CredentialsError, Outcome, TemporaryDeliveryError
-from streamer.delivery.gateway import GatewayPushkin, WorkspaceToken
+from streamer.delivery.gateway import RECHECK, GatewayPushkin, WorkspaceToken
 from streamer.delivery.http import make_http_client
 from streamer.delivery.payload import gateway_body
 from streamer.devmongo import free_port
@@ -238,6 +238,19 @@ async def test_older_servers_keep_the_token_in_settings(db: AsyncDatabase[Doc]) 
 async def test_no_token_at_all_is_a_credentials_error(db: AsyncDatabase[Doc]) -> None:
     with pytest.raises(CredentialsError, match="streamer doctor"):
         await WorkspaceToken(db, Clock()).get()
+
+
+@pytest.mark.anyio
+async def test_a_missing_token_is_looked_for_again_after_a_while(db: AsyncDatabase[Doc]) -> None:
+    clock = Clock()
+    token = WorkspaceToken(db, clock)
+    with pytest.raises(CredentialsError):
+        await token.get()
+    await store_workspace_token(db, "registered-meanwhile")
+    with pytest.raises(CredentialsError):
+        await token.get()
+    clock.now += RECHECK
+    assert await token.get() == "registered-meanwhile"
 
 
 @pytest.mark.anyio

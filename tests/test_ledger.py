@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -58,3 +59,21 @@ async def test_a_released_device_can_be_claimed_again(db: AsyncDatabase[Doc]) ->
     await ledger.claim("u1", "m1", [PHONE], NOW)
     await ledger.release("u1", "m1", PHONE)
     assert await ledger.claim("u1", "m1", [PHONE], NOW) == [PHONE]
+
+
+@pytest.mark.anyio
+async def test_concurrent_claims_share_writes_and_each_device_is_won_once(
+    db: AsyncDatabase[Doc],
+) -> None:
+    ledger = SentLedger(db)
+    devices = [Device(token_id=f"t{i}", kind="gcm", token=f"gcm-{i}") for i in range(40)]
+    won: list[Device] = []
+
+    async def claim(device: Device) -> None:
+        won.extend(await ledger.claim("u1", "m1", [device], NOW))
+
+    async with anyio.create_task_group() as tasks:
+        for device in devices + devices:  # every device claimed twice at once
+            tasks.start_soon(claim, device)
+    assert sorted(d.token for d in won) == sorted(d.token for d in devices)
+    assert await db[SENT_LEDGER].count_documents({"state": "sending"}) == len(devices)

@@ -9,6 +9,7 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 from pymongo.asynchronous.database import AsyncDatabase
+from structlog.testing import capture_logs
 
 from streamer.config import DeliveryConfig
 from streamer.delivery.base import Device
@@ -186,15 +187,32 @@ async def test_invalid_credentials_retry_and_mark_the_sender_unhealthy_until_a_s
     make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp, clock: Clock
 ) -> None:
     [device] = await stored_devices(db, "apn")
-    stub.script("/push/apn/send", Reply(401), Reply(401))
+    stub.script("/push/apn/send", *[Reply(401)] * 4)
     sender = make_sender()
     result = await sender.send(CONTENT, [device], FIRST)
     assert isinstance(result, RetryAt)
     assert "streamer doctor" in result.error
     assert not sender.healthy
     clock.now = result.at
+    assert await sender.send(CONTENT, [device], result.attempts) != Delivered()
     assert await sender.send(CONTENT, [device], result.attempts) == Delivered()
     assert sender.healthy
+
+
+@pytest.mark.anyio
+async def test_invalid_credentials_are_logged_loudly_once_not_per_push(
+    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp
+) -> None:
+    [device] = await stored_devices(db, "apn")
+    stub.default = Reply(401)
+    sender = make_sender()
+    with capture_logs() as logs:
+        for _ in range(3):
+            await sender.send(CONTENT, [device], FIRST)
+    loud = [line for line in logs if line["event"] == "push_credentials_invalid"]
+    assert len(loud) == 1
+    assert loud[0]["log_level"] == "error"
+    assert "workspace not registered or credentials invalid" in loud[0]["error"]
 
 
 @pytest.mark.anyio

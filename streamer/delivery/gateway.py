@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import anyio
 import httpx
 import orjson
 import structlog
@@ -32,9 +33,10 @@ Doc = dict[str, Any]
 UNREGISTERED = "workspace not registered or credentials invalid — see `streamer doctor`"
 #: The settings older servers keep the workspace token in.
 TOKEN_SETTINGS = ("Cloud_Workspace_Access_Token", "Cloud_Workspace_Access_Token_Expires_At")
-#: How long an expired token is reused before the database is asked again:
-#: Rocket.Chat renews it, and asking on every push would load the database.
-EXPIRED_RECHECK = 30.0
+#: How long a missing or expired token is taken as the answer before the
+#: database is asked again: Rocket.Chat renews it, and asking on every push
+#: would load the database.
+RECHECK = 30.0
 #: Errors that mean "this gateway URL cannot be reached": try the next one.
 UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol)
 BODY_LOG_LIMIT = 200
@@ -54,25 +56,28 @@ class WorkspaceToken:
         self._clock = clock
         self._token: str | None = None
         self._valid_until = 0.0
+        self._loading = anyio.Lock()
 
     async def get(self) -> str:
         """The bearer token; raises `CredentialsError` when the workspace has none."""
-        if self._token is None or self._clock() >= self._valid_until:
-            await self._load()
+        async with self._loading:  # a burst of pushes reads the database once
+            if self._clock() >= self._valid_until:
+                await self._load()
         if self._token is None:
             raise CredentialsError(f"no workspace access token stored: {UNREGISTERED}")
         return self._token
 
     def invalidate(self) -> None:
         """The gateway refused the token: read it again before the next push."""
-        self._token = None
+        self._valid_until = 0.0
 
     async def _load(self) -> None:
         token, expires_at = await self._from_credentials() or await self._from_settings()
         now = self._clock()
-        if token is not None and expires_at is not None and expires_at <= now:
-            log.warning("workspace_token_expired", expired_at=expires_at, hint=UNREGISTERED)
-            expires_at = now + EXPIRED_RECHECK
+        if token is None or (expires_at is not None and expires_at <= now):
+            if token is not None:
+                log.warning("workspace_token_expired", expired_at=expires_at, hint=UNREGISTERED)
+            expires_at = now + RECHECK
         self._token = token
         self._valid_until = float("inf") if expires_at is None else expires_at
 

@@ -18,15 +18,24 @@ sees in the app's unread badge. Each skip is logged (`push_outcome_unknown`).
 A timeout is the one case that is retried although the provider may have
 accepted: it is far more common than a crash, and giving up on every slow
 answer would lose pushes routinely. That is the documented duplicate window.
+
+Writes go to MongoDB in groups (`_GroupCommit`): while one bulk write is in
+flight the next claims and marks gather, so the ledger costs a round trip per
+batch rather than two per push — without it the ledger, not the provider,
+limits throughput (see `python -m bench.delivery`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import structlog
+from pymongo import DeleteOne, InsertOne, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, OperationFailure
 
@@ -35,6 +44,7 @@ from streamer.delivery.errors import Outcome
 
 log = structlog.get_logger("streamer.delivery.ledger")
 Doc = dict[str, Any]
+WriteOp = InsertOne[Doc] | UpdateOne | DeleteOne
 
 SENT_LEDGER = "streamer_sent"
 #: Records outlive any retry: the queue keeps an entry 2 h and gives up after 1 h.
@@ -59,6 +69,7 @@ class SentLedger:
     ) -> None:
         self._records = db[collection]
         self._ttl = int(ttl)
+        self._writes = _GroupCommit(self._records)
 
     async def ensure_indexes(self) -> None:
         """The TTL index that bounds the ledger; a changed `ttl` is applied in place."""
@@ -77,32 +88,25 @@ class SentLedger:
         self, uid: str, mid: str, devices: Sequence[Device], now: float
     ) -> list[Device]:
         """The devices this attempt may push to; the others were pushed (or tried) before."""
-        if not devices:
-            return []
         records: list[Doc] = [
             {"_id": _key(uid, mid, d), "state": SENDING, "at": _date(now), "token_id": d.token_id}
             for d in devices
         ]
-        try:
-            await self._records.insert_many(records, ordered=False)
-        except BulkWriteError as exc:
-            taken = _duplicate_indexes(exc)
-            await self._log_unknown([records[i]["_id"] for i in taken])
-            return [d for i, d in enumerate(devices) if i not in taken]
-        return list(devices)
+        codes = await self._writes.run([InsertOne(record) for record in records])
+        taken = [record["_id"] for record, code in zip(records, codes, strict=True) if code]
+        await self._log_unknown(taken)
+        return [d for d, code in zip(devices, codes, strict=True) if not code]
 
     async def finish(
         self, uid: str, mid: str, device: Device, outcome: Outcome, now: float
     ) -> None:
         """A final answer arrived: never push this message to this device again."""
-        await self._records.update_one(
-            {"_id": _key(uid, mid, device)},
-            {"$set": {"state": SENT, "outcome": outcome.value, "at": _date(now)}},
-        )
+        update = {"$set": {"state": SENT, "outcome": outcome.value, "at": _date(now)}}
+        await self._writes.run([UpdateOne({"_id": _key(uid, mid, device)}, update)])
 
     async def release(self, uid: str, mid: str, device: Device) -> None:
         """A temporary failure: the push did not go out, so a retry may claim it."""
-        await self._records.delete_one({"_id": _key(uid, mid, device), "state": SENDING})
+        await self._writes.run([DeleteOne({"_id": _key(uid, mid, device), "state": SENDING})])
 
     async def _log_unknown(self, keys: list[Doc]) -> None:
         """Claims left "sending" by a crash: the push may or may not have gone out."""
@@ -118,9 +122,70 @@ class SentLedger:
             )
 
 
-def _duplicate_indexes(exc: BulkWriteError) -> set[int]:
-    """Which inserts hit an existing record; any other write error is a real failure."""
-    errors = exc.details.get("writeErrors", [])
-    if any(e.get("code") != DUPLICATE_KEY for e in errors):
-        raise exc
-    return {int(e["index"]) for e in errors}
+@dataclass
+class _Pending:
+    ops: list[WriteOp]
+    #: Per op: None, or the duplicate-key code when an insert found its record.
+    codes: list[int | None] = field(default_factory=list)
+    failure: BaseException | None = None
+    done: bool = False
+
+
+class _GroupCommit:
+    """Many callers' small writes as one unordered bulk write (a group commit).
+
+    Each caller queues its ops and takes the lock; whoever holds it writes
+    everything queued so far, so callers that arrive during a write share the
+    next one. No background task, no timer: an idle ledger writes at once.
+    """
+
+    def __init__(self, records: AsyncCollection[Doc]) -> None:
+        self._records = records
+        self._queued: list[_Pending] = []
+        self._lock = anyio.Lock()
+
+    async def run(self, ops: list[WriteOp]) -> list[int | None]:
+        if not ops:
+            return []
+        mine = _Pending(ops)
+        self._queued.append(mine)
+        async with self._lock:
+            if not mine.done:
+                batch, self._queued = self._queued, []
+                await self._write(batch)
+        if mine.failure is not None:
+            raise mine.failure
+        return mine.codes
+
+    async def _write(self, batch: list[_Pending]) -> None:
+        ops = [op for pending in batch for op in pending.ops]
+        codes: dict[int, int] = {}
+        failure: BaseException | None = None
+        try:
+            await self._records.bulk_write(ops, ordered=False)
+        except BulkWriteError as exc:
+            codes = {int(e["index"]): int(e["code"]) for e in exc.details.get("writeErrors", [])}
+            if exc.details.get("writeConcernErrors"):
+                failure = exc
+        except Exception as exc:
+            failure = exc
+            raise
+        except BaseException:  # cancelled: the others must not wait for this write forever
+            failure = OperationFailure("ledger write was cancelled")
+            raise
+        finally:
+            _settle(batch, codes, failure)
+
+
+def _settle(batch: list[_Pending], codes: dict[int, int], failure: BaseException | None) -> None:
+    """Hand each caller its ops' results; any error but a duplicate claim is a failure."""
+    index = 0
+    for pending in batch:
+        pending.codes = [codes.get(i) for i in range(index, index + len(pending.ops))]
+        index += len(pending.ops)
+        errors = [c for c in pending.codes if c is not None and c != DUPLICATE_KEY]
+        if failure is not None:
+            pending.failure = failure
+        elif errors:
+            pending.failure = OperationFailure(f"ledger write failed (code {errors[0]})", errors[0])
+        pending.done = True

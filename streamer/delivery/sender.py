@@ -17,6 +17,7 @@ import anyio
 import structlog
 import tenacity
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
 
 from streamer import metrics
 from streamer.config import DeliveryConfig
@@ -100,13 +101,20 @@ class PushSender:
     async def send(
         self, content: PushContent, devices: Sequence[Device], attempts: Attempts
     ) -> SendResult:
-        """Push `content` to every device at once; the result covers them all."""
+        """Push `content` to every device at once; the result covers them all.
+
+        Raises `PyMongoError` when the ledger cannot be written: the caller
+        keeps the entry and tries again later.
+        """
         unique = list({d.token: d for d in devices}.values())
         claimed = await self._ledger.claim(content.uid, content.mid, unique, self._clock())
         failures: list[_Failure] = []
-        async with anyio.create_task_group() as tasks:
-            for device in claimed:
-                tasks.start_soon(self._push_one, content, device, failures)
+        try:
+            async with anyio.create_task_group() as tasks:
+                for device in claimed:
+                    tasks.start_soon(self._push_one, content, device, failures)
+        except* PyMongoError as group:
+            raise group.exceptions[0] from None
         if not failures:
             return Delivered()
         return self._after_failure(content, failures, attempts)
@@ -176,9 +184,11 @@ class PushSender:
         )
 
     def _credentials_failed(self, provider: str, exc: CredentialsError) -> None:
-        self._healthy = False
+        """One loud line when pushes start failing for credentials, not one per push."""
         metrics.PUSHES.labels(provider, "credentials_error").inc()
-        log.error("push_credentials_invalid", provider=provider, error=str(exc))
+        if self._healthy:
+            log.error("push_credentials_invalid", provider=provider, error=str(exc))
+        self._healthy = False
 
     def _after_failure(
         self, content: PushContent, failures: list[_Failure], attempts: Attempts
