@@ -8,14 +8,17 @@ an operator sees: `streamer config`, log lines, exceptions, configuration errors
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
+import ssl
 import subprocess
 import sys
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote
 
+import httpx
 import orjson
 import pytest
 from aiosmtpd.controller import Controller
@@ -25,17 +28,30 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure, ServerSelectionTimeoutError
 from structlog.testing import capture_logs
 
-from streamer.config import REDACTED, Config, ConfigError, DeliveryConfig, EmailConfig, load_config
+from streamer.config import (
+    REDACTED,
+    ApnsConfig,
+    Config,
+    ConfigError,
+    DeliveryConfig,
+    EmailConfig,
+    FcmConfig,
+    load_config,
+)
+from streamer.delivery.apns import ApnsPushkin
 from streamer.delivery.base import Device, PushContent
 from streamer.delivery.email import EmailContent, Mailer, SmtpServer
+from streamer.delivery.errors import Outcome
+from streamer.delivery.fcm import FcmPushkin
 from streamer.delivery.gateway import GatewayPushkin, WorkspaceToken
 from streamer.delivery.http import make_http_client
 from streamer.devmongo import free_port
 from streamer.directory import DatabaseDirectory
 from streamer.model import SETTINGS, WORKSPACE_CREDENTIALS, Settings
 from tests import factories, securemongo
+from tests.credentials import write_apns_key, write_service_account
 from tests.securemongo import SecureMongo
-from tests.servers import Reply, StubApp, serve_http
+from tests.servers import Reply, StubApp, serve_http, serve_http2
 
 REPO = Path(__file__).resolve().parent.parent
 Doc = dict[str, object]
@@ -167,9 +183,13 @@ SMTP_PASSWORD = "smtp-" + secrets.token_hex(6)
 SECRETS = (MONGO_PASSWORD, quote(MONGO_PASSWORD, safe=""), SMTP_PASSWORD)
 
 
+def assert_absent(secret_values: Iterable[str], output: str) -> None:
+    leaked = [value for value in secret_values if value in output]
+    assert not leaked
+
+
 def assert_no_secret(output: str) -> None:
-    for secret in SECRETS:
-        assert secret not in output
+    assert_absent(SECRETS, output)
 
 
 def test_config_command_redacts_secrets_from_the_environment() -> None:
@@ -384,3 +404,59 @@ class Sink:
 
     async def handle_DATA(self, server: object, session: object, envelope: object) -> str:
         return "250 OK"
+
+
+# --- provider keys and the bearer tokens minted from them ---------------------------------
+
+
+def key_lines(pem: str) -> list[str]:
+    """The base64 body of a PEM private key, line by line: any one of them is a leak."""
+    return [line for line in pem.splitlines() if line and not line.startswith("-----")]
+
+
+@pytest.mark.anyio
+async def test_fcm_key_and_tokens_never_in_logs_or_errors(tmp_path: Path) -> None:
+    access = "fcm-access-" + secrets.token_hex(8)
+    oauth = StubApp(default=Reply(body={"access_token": access, "expires_in": 3600}))
+    oauth.script("/token", Reply(400, {"error": "invalid_grant"}))
+    fcm = StubApp()
+    fcm.script(
+        "/v1/projects/demo-project/messages:send",
+        *[Reply(401), Reply(401), Reply(500, b"oops"), Reply(429, headers={"retry-after": "5"})],
+        Reply(400, {"error": {"code": 400, "status": "INVALID_ARGUMENT", "message": "bad"}}),
+    )
+    with serve_http(oauth) as oauth_url, serve_http(fcm) as fcm_url, capture_logs() as logs:
+        path, _ = write_service_account(tmp_path, token_uri=f"{oauth_url}/token")
+        config = FcmConfig(service_account_file=str(path), base_url=fcm_url)
+        async with make_http_client(DeliveryConfig()) as http:
+            pushkin = FcmPushkin(config, client=http)
+            seen = [await attempt(pushkin.dispatch(PUSH, DEVICE)) for _ in range(6)]
+            await pushkin.aclose()
+    assert "CredentialsError" in seen[0] and seen[-1] == repr(Outcome.SENT)
+    assertions = [parse_qs(r.body.decode())["assertion"][0] for r in oauth.received("/token")]
+    private_key = orjson.loads(path.read_bytes())["private_key"]
+    assert_absent([access, *assertions, *key_lines(private_key)], repr(logs) + "".join(seen))
+
+
+@pytest.mark.anyio
+async def test_apns_key_and_provider_tokens_never_in_logs_or_errors(tmp_path: Path) -> None:
+    device = Device(token_id="t-ios", kind="apn", token="a1b2c3d4", app_name="chat.rocket.ios")
+    apple = StubApp()
+    invalid = Reply(403, {"reason": "InvalidProviderToken"})
+    apple.script(
+        "/3/device/a1b2c3d4",
+        *[invalid, invalid, Reply(500, {"reason": "InternalServerError"})],
+        *[Reply(429, {"reason": "TooManyRequests"}), Reply(400, {"reason": "BadDeviceToken"})],
+    )
+    path, _ = write_apns_key(tmp_path, "ABC123DEFG")
+    config = ApnsConfig(key_file=str(path), key_id="ABC123DEFG", team_id="TEAM123456")
+    with serve_http2(apple) as (url, ca), capture_logs() as logs:
+        verify = ssl.create_default_context(cafile=ca)
+        async with httpx.AsyncClient(http2=True, verify=verify) as http:
+            config = dataclasses.replace(config, base_url=url)
+            pushkin = ApnsPushkin(config, production=True, client=http)
+            seen = [await attempt(pushkin.dispatch(PUSH, device)) for _ in range(5)]
+            await pushkin.aclose()
+    assert "CredentialsError" in seen[0] and seen[-1] == repr(Outcome.SENT)
+    provider_tokens = [r.headers["authorization"].split()[1] for r in apple.received()]
+    assert_absent([*provider_tokens, *key_lines(path.read_text())], repr(logs) + "".join(seen))
