@@ -1,0 +1,163 @@
+"""The in-memory schedule: queued entries ordered by (due_at, created_at).
+
+Pure: no I/O and no clock (callers pass `now`). It holds only what ordering and
+the documented rules need — the rest of an entry lives in the side collection
+and comes back when the entry is leased — so a million entries fit in a few
+hundred megabytes.
+
+Removal is lazy: a removed or rescheduled entry's old slot stays in the heap and
+is skipped when it reaches the top (its user's index no longer points to that
+very slot). Reading a room therefore costs O(entries of that user), never a scan
+of the heap; the heap is rebuilt when dead slots outnumber live ones.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+from heapq import heapify, heappop, heappush
+from typing import NamedTuple
+
+
+class Slot(NamedTuple):
+    """One entry's place in the schedule; ordered by due_at, then creation, then key."""
+
+    due_at: float
+    created_at: float
+    key: str
+    uid: str
+    rid: str
+    #: Entries being retried keep their back-off: the rules that bring a user's
+    #: entries forward leave them alone.
+    attempts: int
+
+
+#: Dead slots tolerated before a rebuild, beyond the number of live ones.
+_COMPACT_SLACK = 1024
+
+
+class Schedule:
+    """Entries by due time, indexed by user so a read or a presence change is cheap."""
+
+    __slots__ = ("_dead", "_heap", "_live", "_users")
+
+    def __init__(self, slots: Iterable[Slot] = ()) -> None:
+        self._heap: list[Slot] = []
+        self._users: dict[str, dict[str, Slot]] = {}
+        self._live = 0
+        self._dead = 0
+        for slot in slots:
+            self._index(slot)
+        self._compact()
+
+    def __len__(self) -> int:
+        return self._live
+
+    def get(self, uid: str, key: str) -> Slot | None:
+        entries = self._users.get(uid)
+        return None if entries is None else entries.get(key)
+
+    def put(self, slot: Slot) -> None:
+        """Add an entry, or move it to the slot's time if it is already scheduled."""
+        self._index(slot)
+        heappush(self._heap, slot)
+
+    def _index(self, slot: Slot) -> None:
+        _, _, key, uid, _, _ = slot
+        entries = self._users.get(uid)
+        if entries is None:
+            self._users[uid] = entries = {}
+        if key in entries:
+            self._dead += 1
+        else:
+            self._live += 1
+        entries[key] = slot
+
+    def remove(self, uid: str, key: str) -> bool:
+        entries = self._users.get(uid)
+        if entries is None or entries.pop(key, None) is None:
+            return False
+        self._forgotten(uid, entries, 1)
+        return True
+
+    def remove_user(self, uid: str) -> int:
+        entries = self._users.pop(uid, {})
+        self._forgotten(uid, entries, len(entries))
+        return len(entries)
+
+    def remove_room(self, uid: str, rid: str) -> int:
+        entries = self._users.get(uid, {})
+        keys = [key for key, slot in entries.items() if slot.rid == rid]
+        for key in keys:
+            del entries[key]
+        self._forgotten(uid, entries, len(keys))
+        return len(keys)
+
+    def _forgotten(self, uid: str, entries: dict[str, Slot], count: int) -> None:
+        self._live -= count
+        self._dead += count
+        if not entries:
+            self._users.pop(uid, None)
+        if self._dead > self._live + _COMPACT_SLACK:
+            self._compact()
+
+    def _compact(self) -> None:
+        self._heap = [s for entries in self._users.values() for s in entries.values()]
+        heapify(self._heap)
+        self._dead = 0
+
+    def later(self, uid: str, due_at: float) -> list[Slot]:
+        """The user's entries (not being retried) due after `due_at`."""
+        entries = self._users.get(uid, {})
+        return [s for s in entries.values() if s.due_at > due_at and not s.attempts]
+
+    def bring_forward(self, uid: str, due_at: float) -> int:
+        """Move the user's entries due after `due_at` (not being retried) to `due_at`."""
+        moved = self.later(uid, due_at)
+        for slot in moved:
+            self.put(slot._replace(due_at=due_at))
+        return len(moved)
+
+    def first(self) -> Slot | None:
+        """The earliest live entry, left in place."""
+        heap = self._heap
+        users = self._users
+        while heap:
+            head = heap[0]
+            entries = users.get(head.uid)
+            if entries is not None and entries.get(head.key) is head:
+                return head
+            heappop(heap)
+            self._dead -= 1
+        return None
+
+    def pop_due(self, now: float) -> Slot | None:
+        """Take out the earliest entry if it is due at `now`."""
+        heap = self._heap
+        users = self._users
+        while heap:
+            head = heap[0]
+            due_at, _, key, uid, _, _ = head
+            if due_at > now:
+                return None
+            heappop(heap)
+            entries = users.get(uid)
+            if entries is not None and entries.get(key) is head:
+                del entries[key]
+                if not entries:
+                    del users[uid]
+                self._live -= 1
+                return head
+            self._dead -= 1
+        return None
+
+
+def make_slot(
+    due_at: float, created_at: float, key: str, uid: str, rid: str, attempts: int = 0
+) -> Slot:
+    """A slot whose user and room ids are shared with every other entry of theirs.
+
+    The same ids repeat across many entries; one copy of each keeps memory per
+    entry down to the entry's own fields.
+    """
+    return Slot(due_at, created_at, key, sys.intern(uid), sys.intern(rid), attempts)

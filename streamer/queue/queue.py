@@ -1,0 +1,308 @@
+"""The notification queue: the documented scheduling rules over a persisted heap.
+
+The side collection is the truth; the in-memory `Schedule` says which entry to
+try next. Every entry is leased in the collection before it is handed out, so
+a stale schedule (another instance's write, a read that just cleared the
+entry) costs one lookup and never a duplicate or a lost notification.
+
+The app's order: `load()`, then `tg.start(queue.follow)` when several instances
+share the collection; `add()` once per change-stream batch before saving the
+resume token; a consumer loops on `next_due()` and settles each entry with
+`done()`, `retry()` or `drop()`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import anyio
+import structlog
+from anyio.abc import TaskStatus
+from bson import Timestamp
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import PyMongoError
+
+from streamer import metrics
+from streamer.config import QueueConfig
+from streamer.directory import parse_or_log
+from streamer.queue.entry import Entry, uid_of
+from streamer.queue.heap import Schedule, Slot, make_slot
+from streamer.queue.store import Doc, QueueStore, entry_slot, parse_entry, parse_slot
+
+log = structlog.get_logger("streamer.queue")
+
+#: Reason code of entries that waited longer than `[queue] max_age`.
+EXPIRED = "expired"
+#: Pause before trying the database again after it failed.
+RECONNECT_DELAY = 1.0
+
+Recheck = Callable[[Entry], Awaitable[str | None]]
+
+
+class Queue:
+    """Entries by due time, durable in `collection`, leased to one instance at a time."""
+
+    def __init__(
+        self,
+        collection: AsyncCollection[Doc],
+        config: QueueConfig,
+        *,
+        instance_id: str,
+        clock: Callable[[], float] = time.time,
+        recheck: Recheck | None = None,
+    ) -> None:
+        self._store = QueueStore(collection, instance_id)
+        self._config = config
+        self._clock = clock
+        self._recheck = recheck
+        self._schedule = Schedule()
+        #: Entries this instance has leased and not yet settled.
+        self._held: set[str] = set()
+        self._changed: anyio.Event | None = None
+        self._synced_at: Timestamp | None = None
+        self._parse_slot = functools.partial(parse_slot, instance_id=instance_id)
+
+    def __len__(self) -> int:
+        return len(self._schedule) + len(self._held)
+
+    def next_due_at(self) -> float | None:
+        """When the earliest entry this instance knows of is due; None when there is none."""
+        first = self._schedule.first()
+        return None if first is None else first.due_at
+
+    async def load(self) -> None:
+        """Create the indexes and rebuild the schedule from the collection."""
+        await self._store.ensure_indexes()
+        await self._reload()
+
+    async def _reload(self) -> None:
+        self._synced_at = await self._store.operation_time()
+        slots = []
+        async for doc in self._store.scan():
+            slot = parse_or_log(self._parse_slot, doc)
+            if slot is not None and slot.key not in self._held:
+                slots.append(slot)
+        self._schedule = Schedule(slots)
+        log.info("queue_loaded", entries=len(self._schedule))
+        self._changed_now()
+
+    async def add(self, entries: Sequence[Entry]) -> None:
+        """Queue the entries durably (one write); an entry already queued is left as it is."""
+        new = await self._store.insert(entries)
+        for entry in entries:
+            if entry.id in new:
+                self._schedule.put(entry_slot(entry))
+        self._changed_now()
+
+    async def clear_read(self, uid: str, rid: str) -> int:
+        """The user read `rid`: remove their queued entries (all, or that room's)."""
+        if self._config.clear_on_read == "room":
+            cleared = await self._store.delete_room(uid, rid)
+            self._schedule.remove_room(uid, rid)
+        else:
+            cleared = await self._store.delete_user(uid)
+            self._schedule.remove_user(uid)
+        metrics.QUEUE_CLEARED.inc(cleared)
+        if cleared:
+            log.info("queue_cleared_on_read", uid=uid, rid=rid, cleared=cleared)
+        self._observe()
+        return cleared
+
+    async def user_offline(self, uid: str) -> int:
+        """The user went offline: their delayed entries are due now."""
+        if not self._config.reschedule_on_presence:
+            return 0
+        now = self._clock()
+        moved = await self._store.bring_forward(uid, now)
+        self._schedule.bring_forward(uid, now)
+        self._changed_now()
+        return moved
+
+    async def next_due(self) -> Entry:
+        """Wait for the next due entry and lease it to this instance.
+
+        On the way, entries older than `max_age`, or that `recheck` says are no
+        longer wanted, are dropped; and the documented per-user order is kept
+        (see `_flushed`). The caller settles the entry with done, retry or drop.
+        """
+        while True:
+            slot = await self._due_slot()
+            try:
+                entry = await self._take(slot)
+            except PyMongoError as exc:
+                self._give_back(slot)
+                log.warning("queue_lease_failed", uid=slot.uid, key=slot.key, error=str(exc))
+                await anyio.sleep(RECONNECT_DELAY)
+                continue
+            except BaseException:
+                self._give_back(slot)
+                raise
+            if entry is not None:
+                return entry
+
+    async def _due_slot(self) -> Slot:
+        while True:
+            now = self._clock()
+            slot = self._schedule.pop_due(now)
+            if slot is not None:
+                self._held.add(slot.key)
+                return slot
+            first = self._schedule.first()
+            if self._changed is None:
+                self._changed = anyio.Event()
+            changed = self._changed
+            with anyio.move_on_after(math.inf if first is None else first.due_at - now):
+                await changed.wait()
+
+    def _give_back(self, slot: Slot) -> None:
+        """An entry whose handling was interrupted is tried again (the lease is ours)."""
+        self._held.discard(slot.key)
+        self._schedule.put(slot)
+        self._changed_now()
+
+    async def _take(self, slot: Slot) -> Entry | None:
+        now = self._clock()
+        doc = await self._store.lease(slot.key, now, now + self._config.lease_seconds)
+        if doc is None:
+            self._held.discard(slot.key)
+            await self._resync(slot.key)
+            return None
+        entry = parse_or_log(parse_entry, doc)
+        if entry is None:
+            await self._forget(slot.key)
+            return None
+        if now - entry.created_at > self._config.max_age:
+            await self.drop(entry, EXPIRED)
+            return None
+        if await self._flushed(entry):
+            return None
+        reason = None if self._recheck is None else await self._recheck(entry)
+        if reason:
+            await self.drop(entry, reason)
+            return None
+        self._observe()
+        return entry
+
+    async def _resync(self, key: str) -> None:
+        """The lease was refused: place the entry where the collection says it is."""
+        doc = await self._store.find(key)
+        slot = None if doc is None else parse_or_log(self._parse_slot, doc)
+        if slot is not None and slot.key not in self._held:
+            self._schedule.put(slot)
+        self._changed_now()
+
+    async def _flushed(self, entry: Entry) -> bool:
+        """The documented rule: once a user's entry is processed, their other scheduled
+        entries are due too, and this one goes back, so all go out in creation order.
+
+        They are moved to this entry's due time (not the clock's now), so an entry
+        created earlier sorts first even when the queue runs behind.
+        """
+        if not self._schedule.later(entry.uid, entry.due_at):
+            return False
+        moved = await self._store.bring_forward(entry.uid, entry.due_at)
+        self._schedule.bring_forward(entry.uid, entry.due_at)
+        if not moved:
+            return False
+        await self._store.release(entry.id)
+        self._give_back(entry_slot(entry))
+        return True
+
+    async def done(self, entry: Entry) -> None:
+        """The entry was delivered (or given up): it leaves the queue."""
+        await self._forget(entry.id)
+
+    async def _forget(self, key: str) -> None:
+        try:
+            await self._store.delete(key)
+        finally:
+            self._held.discard(key)
+            self._observe()
+
+    async def retry(self, entry: Entry, due_at: float, error: str) -> None:
+        """Try again at `due_at`; the attempt is recorded, so retries survive restarts."""
+        try:
+            kept = await self._store.reschedule(entry, due_at, error, self._clock())
+        finally:
+            self._held.discard(entry.id)
+        if kept:
+            self._schedule.put(
+                make_slot(
+                    due_at, entry.created_at, entry.id, entry.uid, entry.rid, entry.attempts + 1
+                )
+            )
+        else:
+            log.info(
+                "queue_retry_skipped",
+                uid=entry.uid, rid=entry.rid, mid=entry.mid,
+                why="entry was cleared by a read or taken over by another instance",
+            )  # fmt: skip
+        self._changed_now()
+
+    async def drop(self, entry: Entry, reason: str) -> None:
+        """The entry will not be sent: it leaves the queue with a reason in the log."""
+        await self._forget(entry.id)
+        log.info(
+            "queue_entry_dropped",
+            uid=entry.uid, rid=entry.rid, mid=entry.mid, kind=entry.kind, reason=reason,
+        )  # fmt: skip
+        metrics.QUEUE_DROPPED.labels(reason).inc()
+
+    async def follow(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Keep the schedule in step with the collection as other instances write it.
+
+        Needed when several instances share the collection: it is how one sees
+        entries another inserted, retried or cleared, and takes over entries whose
+        owner died. After any interruption the schedule is rebuilt from the
+        collection, since changes in between were not seen.
+        """
+        started = False
+        resync = False
+        while True:
+            try:
+                if resync:
+                    await self._reload()
+                async with await self._store.collection.watch(
+                    full_document="updateLookup", start_at_operation_time=self._synced_at
+                ) as stream:
+                    if not started:
+                        task_status.started()
+                        started = True
+                    async for change in stream:
+                        self._apply(change)
+            except PyMongoError as exc:
+                log.warning("queue_follow_interrupted", error=str(exc))
+                await anyio.sleep(RECONNECT_DELAY)
+            resync = True
+
+    def _apply(self, change: Mapping[str, Any]) -> None:
+        key = change.get("documentKey", {}).get("_id")
+        if not isinstance(key, str) or key in self._held:
+            return
+        doc = change.get("fullDocument")
+        if doc is None:
+            if change.get("operationType") in ("delete", "update", "replace"):
+                self._schedule.remove(uid_of(key), key)
+                self._observe()
+            return
+        slot = parse_or_log(self._parse_slot, doc)
+        if slot is not None and self._schedule.get(slot.uid, key) != slot:
+            self._schedule.put(slot)
+            self._changed_now()
+
+    def _changed_now(self) -> None:
+        """Wake `next_due` to look again, and refresh the gauges."""
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+        self._observe()
+
+    def _observe(self) -> None:
+        metrics.QUEUE_DEPTH.set(len(self))
+        first = self._schedule.first()
+        age = 0.0 if first is None else max(0.0, self._clock() - first.due_at)
+        metrics.QUEUE_OLDEST_DUE_AGE.set(age)

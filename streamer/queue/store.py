@@ -1,0 +1,238 @@
+"""The side collection (`streamer_queue`): the durable truth behind the in-memory schedule.
+
+Every decision that matters is taken here, in one conditional write: an entry
+is leased only if it is due and nobody else holds a live lease on it, a retry
+is recorded only by the lease holder, a read deletes whatever is queued. The
+in-memory schedule is a fast index of this collection; when it is stale the
+worst outcome is a wasted lookup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from bson import Timestamp
+from pymongo import IndexModel, ReturnDocument, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.cursor import AsyncCursor
+from pymongo.errors import BulkWriteError
+
+from streamer.model import MalformedDocument
+from streamer.queue.entry import Entry
+from streamer.queue.heap import Slot, make_slot
+
+Doc = dict[str, Any]
+
+#: What the schedule needs to rebuild itself; the rest comes back with the lease.
+SLOT_FIELDS = {
+    "uid": 1,
+    "rid": 1,
+    "due_at": 1,
+    "created_at": 1,
+    "attempts": 1,
+    "owner": 1,
+    "lease_until": 1,
+}
+#: The side collection, as named in log lines and metric labels about malformed entries.
+QUEUE = "streamer_queue"
+_DUPLICATE_KEY = 11000
+_KINDS: frozenset[str] = frozenset({"push", "email"})
+
+
+def to_document(entry: Entry) -> Doc:
+    return {
+        "_id": entry.id,
+        "uid": entry.uid,
+        "rid": entry.rid,
+        "mid": entry.mid,
+        "kind": entry.kind,
+        "due_at": entry.due_at,
+        "created_at": entry.created_at,
+        "message_ts": entry.message_ts,
+        "attempts": entry.attempts,
+        "first_failure_at": entry.first_failure_at,
+        "last_error": entry.last_error,
+        "owner": None,
+        "lease_until": 0.0,
+    }
+
+
+def parse_entry(doc: object) -> Entry:
+    """A queue document as an `Entry`; `MalformedDocument` if it cannot be delivered."""
+    doc = _mapping(doc)
+    kind = doc.get("kind")
+    if kind not in _KINDS:
+        raise MalformedDocument(QUEUE, doc.get("_id"), f"kind {kind!r} is not push or email")
+    first_failure = doc.get("first_failure_at")
+    last_error = doc.get("last_error")
+    return Entry(
+        uid=_text(doc, "uid"),
+        rid=_text(doc, "rid"),
+        mid=_text(doc, "mid"),
+        kind="push" if kind == "push" else "email",
+        due_at=_time(doc, "due_at"),
+        created_at=_time(doc, "created_at"),
+        message_ts=_time(doc, "message_ts"),
+        attempts=_count(doc, "attempts"),
+        first_failure_at=None if first_failure is None else _time(doc, "first_failure_at"),
+        last_error=None if last_error is None else str(last_error),
+    )
+
+
+def parse_slot(doc: object, instance_id: str) -> Slot:
+    """The entry's place in the schedule.
+
+    An entry leased by another instance is placed at its lease expiry: that is
+    when it may be taken over if that instance died with it.
+    """
+    doc = _mapping(doc)
+    key = doc["_id"]
+    due_at = _time(doc, "due_at")
+    owner = doc.get("owner")
+    if owner is not None and owner != instance_id:
+        due_at = max(due_at, _time(doc, "lease_until"))
+    return make_slot(
+        due_at, _time(doc, "created_at"), key, _text(doc, "uid"), _text(doc, "rid"),
+        _count(doc, "attempts"),
+    )  # fmt: skip
+
+
+def entry_slot(entry: Entry) -> Slot:
+    return make_slot(entry.due_at, entry.created_at, entry.id, entry.uid, entry.rid, entry.attempts)
+
+
+def _mapping(doc: object) -> Mapping[str, Any]:
+    if not isinstance(doc, Mapping) or not isinstance(doc.get("_id"), str):
+        doc_id = doc.get("_id") if isinstance(doc, Mapping) else None
+        raise MalformedDocument(QUEUE, doc_id, "not a queue entry (no string _id)")
+    return doc
+
+
+def _text(doc: Mapping[str, Any], name: str) -> str:
+    value = doc.get(name)
+    if not isinstance(value, str) or not value:
+        raise MalformedDocument(QUEUE, doc["_id"], f"{name} is not a non-empty string")
+    return value
+
+
+def _time(doc: Mapping[str, Any], name: str) -> float:
+    value = doc.get(name)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise MalformedDocument(QUEUE, doc["_id"], f"{name} is not epoch seconds")
+    return float(value)
+
+
+def _count(doc: Mapping[str, Any], name: str) -> int:
+    value = doc.get(name, 0)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise MalformedDocument(QUEUE, doc["_id"], f"{name} is not a count")
+    return value
+
+
+class QueueStore:
+    """The side collection's operations, each one round-trip."""
+
+    def __init__(self, collection: AsyncCollection[Doc], instance_id: str) -> None:
+        self.collection = collection
+        self.instance_id = instance_id
+
+    async def ensure_indexes(self) -> None:
+        await self.collection.create_indexes(
+            [IndexModel("due_at"), IndexModel("uid"), IndexModel([("uid", 1), ("rid", 1)])]
+        )
+
+    async def operation_time(self) -> Timestamp | None:
+        """The cluster's time now: following changes from here misses none made after it."""
+        async with self.collection.database.client.start_session() as session:
+            await self.collection.find_one({}, {"_id": 1}, session=session)
+            return session.operation_time
+
+    def scan(self) -> AsyncCursor[Doc]:
+        """Every entry, with only the fields the schedule needs."""
+        return self.collection.find({}, SLOT_FIELDS, batch_size=50_000)
+
+    async def insert(self, entries: Sequence[Entry]) -> set[str]:
+        """Upsert the entries in one unordered batch; the ids that were new.
+
+        An entry already there (a replay, or another instance's insert) is left
+        as it is, so an entry being retried keeps its attempts and due time.
+        """
+        requests = [
+            UpdateOne({"_id": entry.id}, {"$setOnInsert": to_document(entry)}, upsert=True)
+            for entry in entries
+        ]
+        if not requests:
+            return set()
+        try:
+            result = await self.collection.bulk_write(requests, ordered=False)
+            upserted: Mapping[int, Any] = result.upserted_ids or {}
+        except BulkWriteError as exc:
+            # Two instances upserting one id at once: the loser's duplicate is the
+            # idempotence we want; anything else is a real failure.
+            if any(e.get("code") != _DUPLICATE_KEY for e in exc.details["writeErrors"]):
+                raise
+            upserted = {u["index"]: u["_id"] for u in exc.details.get("upserted", [])}
+        return {str(key) for key in upserted.values()}
+
+    async def lease(self, key: str, now: float, until: float) -> Doc | None:
+        """Take the entry if it is due and not held by another live instance."""
+        return await self.collection.find_one_and_update(
+            {
+                "_id": key,
+                "due_at": {"$lte": now},
+                "$or": [
+                    {"owner": None},
+                    {"owner": self.instance_id},
+                    {"lease_until": {"$lte": now}},
+                ],
+            },
+            {"$set": {"owner": self.instance_id, "lease_until": until}},
+            return_document=ReturnDocument.AFTER,
+        )
+
+    async def find(self, key: str) -> Doc | None:
+        return await self.collection.find_one({"_id": key}, SLOT_FIELDS)
+
+    async def release(self, key: str) -> None:
+        """Give the lease back without changing the entry."""
+        await self.collection.update_one(
+            {"_id": key, "owner": self.instance_id},
+            {"$set": {"owner": None, "lease_until": 0.0}},
+        )
+
+    async def delete(self, key: str) -> None:
+        await self.collection.delete_one({"_id": key})
+
+    async def delete_user(self, uid: str) -> int:
+        result = await self.collection.delete_many({"uid": uid})
+        return result.deleted_count
+
+    async def delete_room(self, uid: str, rid: str) -> int:
+        result = await self.collection.delete_many({"uid": uid, "rid": rid})
+        return result.deleted_count
+
+    async def bring_forward(self, uid: str, due_at: float) -> int:
+        """Move the user's entries due after `due_at` to `due_at` (retries keep their back-off)."""
+        result = await self.collection.update_many(
+            {"uid": uid, "attempts": 0, "due_at": {"$gt": due_at}}, {"$set": {"due_at": due_at}}
+        )
+        return result.modified_count
+
+    async def reschedule(self, entry: Entry, due_at: float, error: str, now: float) -> bool:
+        """Record a failed attempt and release the lease; False if the lease was lost."""
+        first_failure = now if entry.first_failure_at is None else entry.first_failure_at
+        result = await self.collection.update_one(
+            {"_id": entry.id, "owner": self.instance_id},
+            {
+                "$set": {
+                    "due_at": due_at,
+                    "first_failure_at": first_failure,
+                    "last_error": error,
+                    "owner": None,
+                    "lease_until": 0.0,
+                },
+                "$inc": {"attempts": 1},
+            },
+        )
+        return result.modified_count == 1
