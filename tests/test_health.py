@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import anyio
 import httpx
@@ -135,12 +134,3 @@ async def test_a_bad_listen_value_is_a_clear_error(health: Health, listen: str) 
 async def test_a_port_in_use_is_a_clear_error(endpoint: Endpoint, health: Health) -> None:
     with pytest.raises(ConfigError, match="cannot listen"):
         await serve_http(health, endpoint.address, shutdown=anyio.Event())
-
-
-def test_the_readme_lists_every_metric() -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
-    operations = readme[readme.index("## Operations") :]
-    for metric in (v for v in vars(metrics).values() if isinstance(v, MetricWrapperBase)):
-        family = metric.describe()[0]
-        exported = f"{family.name}_total" if family.type == "counter" else family.name
-        assert f"`{exported}`" in operations, f"README Operations lacks a line for {exported}"
