@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mappin
 from pathlib import Path
 from urllib.parse import parse_qs, quote
 
+import anyio
 import httpx
 import orjson
 import pytest
@@ -460,3 +461,43 @@ async def test_apns_key_and_provider_tokens_never_in_logs_or_errors(tmp_path: Pa
     assert "CredentialsError" in seen[0] and seen[-1] == repr(Outcome.SENT)
     provider_tokens = [r.headers["authorization"].split()[1] for r in apple.received()]
     assert_absent([*provider_tokens, *key_lines(path.read_text())], repr(logs) + "".join(seen))
+
+
+# --- `streamer doctor` over the secured connection ----------------------------------------
+
+
+@pytest.mark.anyio
+async def test_doctor_checks_the_secured_mongo_without_showing_secrets(
+    secure: SecureMongo, client: AsyncMongoClient[Doc]
+) -> None:
+    token = "workspace-" + secrets.token_hex(8)
+    await client[secure.database][WORKSPACE_CREDENTIALS].replace_one(
+        {"_id": "doctor"}, {"scope": "", "accessToken": token, "expirationDate": None}, upsert=True
+    )
+    gateway = StubApp(default=Reply(401, b"unauthorized"))
+    with serve_http(gateway) as url:
+        env = {
+            "STREAMER_MONGO__URI": secure.uri(serverSelectionTimeoutMS="2000"),
+            "STREAMER_MONGO__DATABASE": secure.database,
+            "STREAMER_DELIVERY__GATEWAY_URLS": url,
+            "STREAMER_EMAIL__PASSWORD": SMTP_PASSWORD,
+        }
+        result = await anyio.to_thread.run_sync(lambda: run_streamer("doctor", env=env))
+    output = result.stdout + result.stderr
+    assert "PASS  MongoDB replica set" in output
+    assert gateway.received()[0].headers["authorization"] == f"Bearer {token}"
+    assert_absent([secure.password, quote(secure.password, safe=""), token, SMTP_PASSWORD], output)
+
+
+def test_doctor_names_a_refused_login_without_the_password(secure: SecureMongo) -> None:
+    wrong = "wrong-" + secrets.token_hex(8)
+    env = {
+        "STREAMER_MONGO__URI": secure.uri(password=wrong, serverSelectionTimeoutMS="2000"),
+        "STREAMER_MONGO__DATABASE": secure.database,
+        "STREAMER_DELIVERY__GATEWAY_URLS": f"http://127.0.0.1:{free_port()}",
+    }
+    result = run_streamer("doctor", env=env)
+    assert result.returncode == 1
+    assert "FAIL  MongoDB replica set" in result.stdout
+    assert "Authentication failed" in result.stdout
+    assert wrong not in result.stdout + result.stderr
