@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -140,6 +141,7 @@ def main() -> None:
     with devmongo.running() as mongo, stub_gateway() as gateway:
         aiohttp_rate = _best_of(args.rounds, mongo.uri, gateway, False, args.pushes)
         httpx_rate = _best_of(args.rounds, mongo.uri, gateway, True, args.pushes)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"{args.pushes} pushes per round, best of {args.rounds}, {CONCURRENCY} in flight,")
     print("through PushSender (ledger in a real mongod) and GatewayPushkin")
     print(f"aiohttp transport: {aiohttp_rate:8.0f} pushes/s")
@@ -147,6 +149,7 @@ def main() -> None:
     print(f"ratio:             {aiohttp_rate / httpx_rate:8.1f}x")
     verdict = "met" if aiohttp_rate >= TARGET else "MISSED"
     print(f"target {TARGET:,.0f} pushes/s: {verdict}")
+    print(f"load average {load} on {os.cpu_count()} CPUs (other work lowers the figures)")
 
 
 if __name__ == "__main__":
