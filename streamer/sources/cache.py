@@ -1,0 +1,401 @@
+"""A `Directory` answered from memory, kept fresh by the change streams.
+
+The hot path (every message, every recipient) must not query MongoDB per
+recipient, yet a deployment may have millions of users and subscriptions, so
+every cache is bounded (`CacheLimits`) and a miss falls back to the
+`DatabaseDirectory`, storing the answer:
+
+- settings: every id in `SETTING_IDS` (a few dozen values), always complete.
+- users: an LRU of at most `users` parsed users (services, login tokens and
+  `__rooms` are never loaded by the stream). The users stream refreshes cached
+  users and adds users whose presence changes.
+- devices: an LRU of the enabled push tokens of at most `device_owners` users,
+  empty answers included (most lookups are users without a phone). A token
+  change drops its owner's entry; the next lookup queries again.
+- subscriptions: the complete member list of recently used rooms, LRU by room,
+  holding at most `subscriptions` subscriptions in total. A room larger than the
+  whole bound is never cached: every lookup for it is a query. `subscription(uid,
+  rid)` answers from a cached room, else queries.
+- previous `tunread` per subscription (thread-read detection compares against
+  it): an LRU of at most `tunreads` subscriptions with unread threads, loaded at
+  start and fed by the subscription stream. A thread read on a subscription that
+  fell out of it cannot be told apart from a new thread and is not reported.
+- rooms and `roles_with_permission`: no change stream follows those
+  collections, so answers expire after `ttl` seconds (bounded by `rooms`).
+- away since: one entry per user currently away, persisted in the state
+  collection (`_id = "away:<uid>"`) so it survives restarts.
+
+Not cached: `message`, `team_members` and `badge` — one indexed query each.
+Cached subscriptions carry `unread`/`alert` as of the last change the stream
+lets through: the stream filters out Rocket.Chat's per-message `$inc` of every
+member's `unread` (millions of events per second at scale). Nothing reads them
+from here; `badge` always queries.
+
+Concurrency: a slow miss query never overwrites a newer change from a stream
+(see `Freshness`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from bson import Timestamp
+from pymongo import DeleteOne, UpdateOne
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+
+from streamer.directory import DatabaseDirectory, parse_or_log
+from streamer.model import (
+    SETTING_IDS,
+    SETTINGS,
+    SUBSCRIPTIONS,
+    USERS,
+    Message,
+    Presence,
+    PushToken,
+    Room,
+    Settings,
+    Subscription,
+    User,
+)
+from streamer.sources.events import PresenceChanged
+from streamer.sources.lru import Expiring, Freshness, Lru
+
+log = structlog.get_logger("streamer.sources.cache")
+Doc = dict[str, Any]
+
+AWAY_PREFIX = "away:"
+#: The user fields the sidecar reads; the rest (login tokens, `__rooms`) stays in MongoDB.
+USER_FIELDS: tuple[str, ...] = (
+    "username",
+    "name",
+    "active",
+    "status",
+    "statusConnection",
+    "emails",
+    "settings.preferences",
+    "roles",
+    "_updatedAt",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheLimits:
+    """Upper bounds on what the caches hold; beyond them, lookups query MongoDB."""
+
+    users: int = 100_000
+    device_owners: int = 100_000
+    subscriptions: int = 500_000
+    tunreads: int = 200_000
+    rooms: int = 20_000
+    #: Seconds a room or a permission answer is trusted (no change stream follows them).
+    ttl: float = 60.0
+
+
+class CachedDirectory:
+    """The `Directory` for the hot path; the change streams call the `*_changed` methods."""
+
+    def __init__(
+        self,
+        db: AsyncDatabase[Doc],
+        state: AsyncCollection[Doc],
+        fallback: DatabaseDirectory,
+        limits: CacheLimits = CacheLimits(),
+    ) -> None:
+        self._db = db
+        self._state = state
+        self._fallback = fallback
+        self._limits = limits
+        #: Cluster time just before `load()` read anything: streams with no saved
+        #: token start there, so nothing changed during the load is missed.
+        self.loaded_at: Timestamp | None = None
+        self._setting_values: dict[str, object] = {}
+        self._settings: Settings | None = None
+        self._users: Lru[str, User] = Lru(limits.users)
+        self._devices: Lru[str, tuple[PushToken, ...]] = Lru(
+            limits.device_owners, on_evict=self._forget_tokens
+        )
+        self._token_owner: dict[str, str] = {}
+        self._rooms_members: Lru[str, dict[str, Subscription]] = Lru(
+            limits.subscriptions, weight=lambda members: max(1, len(members)),
+            on_evict=self._forget_members,
+        )  # fmt: skip
+        self._subscription_owner: dict[str, tuple[str, str]] = {}
+        self._tunread: Lru[str, tuple[str, ...]] = Lru(limits.tunreads)
+        self._rooms: Expiring[str, Room | None] = Expiring(limits.rooms, limits.ttl)
+        self._roles: Expiring[str, frozenset[str]] = Expiring(64, limits.ttl)
+        self._away: dict[str, float] = {}
+        self._fresh = Freshness()
+
+    async def load(self) -> None:
+        """Fill the caches that must be complete (settings, away since) and warm the rest."""
+        reply = await self._db.command("ping")
+        operation_time = reply.get("operationTime")
+        self.loaded_at = operation_time if isinstance(operation_time, Timestamp) else None
+        self._set_settings(
+            {
+                doc["_id"]: doc.get("value")
+                async for doc in self._db[SETTINGS].find({"_id": {"$in": sorted(SETTING_IDS)}})
+            }
+        )
+        self._away = {
+            doc["_id"][len(AWAY_PREFIX) :]: float(doc["since"])
+            async for doc in self._state.find({"_id": {"$regex": f"^{AWAY_PREFIX}"}})
+            if isinstance(doc.get("since"), int | float)
+        }
+        await self._load_present_users()
+        await self._load_tunreads()
+        log.info(
+            "caches_loaded",
+            settings=len(self._setting_values),
+            users=len(self._users),
+            away=len(self._away),
+            tunreads=len(self._tunread),
+        )
+
+    async def _load_present_users(self) -> None:
+        """Users not offline are the ones whose presence matters first."""
+        cursor = self._db[USERS].find(
+            {"status": {"$in": ["online", "away", "busy"]}},
+            dict.fromkeys(USER_FIELDS, 1),
+            limit=self._limits.users,
+        )
+        async for doc in cursor:
+            user = parse_or_log(User.from_doc, doc)
+            if user is not None:
+                self._users.put(user.id, user)
+
+    async def _load_tunreads(self) -> None:
+        cursor = self._db[SUBSCRIPTIONS].find(
+            {"tunread.0": {"$exists": True}}, {"tunread": 1}, limit=self._limits.tunreads
+        )
+        async for doc in cursor:
+            tunread = doc.get("tunread")
+            if isinstance(doc.get("_id"), str) and isinstance(tunread, list):
+                self._tunread.put(doc["_id"], tuple(t for t in tunread if isinstance(t, str)))
+
+    # --- the Directory protocol -------------------------------------------------
+
+    async def settings(self) -> Settings:
+        if self._settings is None:
+            return await self._fallback.settings()
+        return self._settings
+
+    async def room(self, rid: str) -> Room | None:
+        cached = self._rooms.get(rid)
+        if cached is not None:
+            return cached[0]
+        room = await self._fallback.room(rid)
+        self._rooms.put(rid, room)
+        return room
+
+    async def subscriptions(self, rid: str) -> list[Subscription]:
+        members = self._rooms_members.get(rid)
+        if members is not None:
+            return list(members.values())
+        ticket = self._fresh.begin([("room", rid)])
+        try:
+            found = await self._fallback.subscriptions(rid)
+        finally:
+            fresh = self._fresh.end([("room", rid)], ticket)
+        if fresh:
+            self._store_room(rid, found)
+        return found
+
+    async def subscription(self, uid: str, rid: str) -> Subscription | None:
+        members = self._rooms_members.get(rid)
+        if members is not None:
+            return members.get(uid)
+        return await self._fallback.subscription(uid, rid)
+
+    async def users(self, uids: Collection[str]) -> dict[str, User]:
+        found: dict[str, User] = {}
+        missing = []
+        for uid in uids:
+            user = self._users.get(uid)
+            if user is None:
+                missing.append(uid)
+            else:
+                found[uid] = user
+        if missing:
+            keys = [("user", uid) for uid in missing]
+            ticket = self._fresh.begin(keys)
+            try:
+                queried = await self._fallback.users(missing)
+            finally:
+                fresh = self._fresh.end(keys, ticket)
+            for uid, user in queried.items():
+                if ("user", uid) in fresh:
+                    self._users.put(uid, user)
+            found.update(queried)
+        return found
+
+    async def devices(self, uids: Collection[str]) -> dict[str, list[PushToken]]:
+        found: dict[str, list[PushToken]] = {}
+        missing = []
+        for uid in uids:
+            tokens = self._devices.get(uid)
+            if tokens is None:
+                missing.append(uid)
+            elif tokens:
+                found[uid] = list(tokens)
+        if missing:
+            keys = [("devices", uid) for uid in missing]
+            ticket = self._fresh.begin(keys)
+            try:
+                queried = await self._fallback.devices(missing)
+            finally:
+                fresh = self._fresh.end(keys, ticket)
+            for uid in missing:
+                if ("devices", uid) in fresh:
+                    self._store_devices(uid, tuple(queried.get(uid, ())))
+            found.update(queried)
+        return found
+
+    async def message(self, mid: str) -> Message | None:
+        return await self._fallback.message(mid)
+
+    async def team_members(self, team_id: str) -> frozenset[str]:
+        return await self._fallback.team_members(team_id)
+
+    async def roles_with_permission(self, permission: str) -> frozenset[str]:
+        cached = self._roles.get(permission)
+        if cached is not None:
+            return cached[0]
+        roles = await self._fallback.roles_with_permission(permission)
+        self._roles.put(permission, roles)
+        return roles
+
+    async def badge(self, uid: str) -> int:
+        return await self._fallback.badge(uid)
+
+    def away_since(self, uid: str) -> float | None:
+        """When the daemon saw `uid` turn away; else the user's `_updatedAt` if cached.
+
+        Callers look the user up through `users()` first, which caches them.
+        """
+        since = self._away.get(uid)
+        if since is not None:
+            return since
+        user = self._users.peek(uid)
+        return None if user is None else user.updated_at
+
+    # --- updates from the change streams ----------------------------------------
+
+    def setting_changed(self, setting_id: str, value: object) -> None:
+        """`value` None means removed: Rocket.Chat's default applies again."""
+        values = dict(self._setting_values)
+        if value is None:
+            values.pop(setting_id, None)
+        else:
+            values[setting_id] = value
+        self._set_settings(values)
+
+    def presence(self, uid: str) -> Presence | None:
+        user = self._users.peek(uid)
+        return None if user is None else user.status
+
+    def user_changed(self, user: User) -> None:
+        self._fresh.changed(("user", user.id))
+        self._users.put(user.id, user)
+
+    def user_removed(self, uid: str) -> None:
+        self._fresh.changed(("user", uid))
+        self._users.pop(uid)
+        self._away.pop(uid, None)
+
+    async def record_presence(self, changes: Sequence[PresenceChanged]) -> None:
+        """Remember (and persist) when users turned away; forget it when they come back."""
+        writes: list[UpdateOne | DeleteOne] = []
+        for change in changes:
+            key = f"{AWAY_PREFIX}{change.uid}"
+            if change.status == "away":
+                if change.uid not in self._away:
+                    self._away[change.uid] = change.at
+                    writes.append(
+                        UpdateOne({"_id": key}, {"$set": {"since": change.at}}, upsert=True)
+                    )
+            elif self._away.pop(change.uid, None) is not None:
+                writes.append(DeleteOne({"_id": key}))
+        if writes:
+            await self._state.bulk_write(writes, ordered=True)
+
+    def token_changed(self, token_id: str, uid: str | None) -> None:
+        """Drop the cached devices of the token's old and new owner; the next lookup queries."""
+        for owner in {self._token_owner.get(token_id), uid}:
+            if owner is not None:
+                self._fresh.changed(("devices", owner))
+                self._devices.pop(owner)
+
+    def subscription_owner(self, subscription_id: str) -> tuple[str, str] | None:
+        """(uid, rid) of a subscription in a cached room, for changes without a document."""
+        return self._subscription_owner.get(subscription_id)
+
+    def subscription_changed(self, subscription: Subscription) -> None:
+        self._fresh.changed(("room", subscription.rid))
+        members = self._rooms_members.peek(subscription.rid)
+        if members is None:
+            return
+        members[subscription.uid] = subscription
+        self._subscription_owner[subscription.id] = (subscription.uid, subscription.rid)
+        self._rooms_members.put(subscription.rid, members)
+
+    def subscription_removed(self, subscription_id: str) -> None:
+        self._tunread.pop(subscription_id)
+        owner = self._subscription_owner.pop(subscription_id, None)
+        if owner is None:
+            self._fresh.all_changed()
+            return
+        uid, rid = owner
+        self._fresh.changed(("room", rid))
+        members = self._rooms_members.peek(rid)
+        if members is not None:
+            members.pop(uid, None)
+            self._rooms_members.put(rid, members)
+
+    def previous_tunread(self, subscription_id: str) -> tuple[str, ...] | None:
+        """The thread ids last seen unread on this subscription; None when not known."""
+        tunread = self._tunread.peek(subscription_id)
+        if tunread is not None:
+            return tunread
+        owner = self._subscription_owner.get(subscription_id)
+        members = None if owner is None else self._rooms_members.peek(owner[1])
+        member = None if members is None or owner is None else members.get(owner[0])
+        return None if member is None else member.tunread
+
+    def remember_tunread(self, subscription_id: str, tunread: tuple[str, ...]) -> None:
+        if tunread:
+            self._tunread.put(subscription_id, tunread)
+        else:
+            self._tunread.pop(subscription_id)
+
+    # --- internals -------------------------------------------------------------
+
+    def _set_settings(self, values: Mapping[str, object]) -> None:
+        self._setting_values = dict(values)
+        settings = Settings.from_values(values)
+        for problem in settings.problems:
+            log.warning("bad_setting", problem=problem)
+        self._settings = settings
+
+    def _store_room(self, rid: str, subscriptions: Sequence[Subscription]) -> None:
+        members = {s.uid: s for s in subscriptions}
+        if self._rooms_members.put(rid, members):
+            for s in subscriptions:
+                self._subscription_owner[s.id] = (s.uid, s.rid)
+
+    def _forget_members(self, _rid: str, members: dict[str, Subscription]) -> None:
+        for subscription in members.values():
+            self._subscription_owner.pop(subscription.id, None)
+
+    def _store_devices(self, uid: str, tokens: tuple[PushToken, ...]) -> None:
+        if self._devices.put(uid, tokens):
+            for token in tokens:
+                self._token_owner[token.id] = uid
+
+    def _forget_tokens(self, _uid: str, tokens: tuple[PushToken, ...]) -> None:
+        for token in tokens:
+            self._token_owner.pop(token.id, None)

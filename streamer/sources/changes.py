@@ -1,0 +1,236 @@
+"""What each change document means: typed events for the next stage, updates for the caches.
+
+One function per collection, each taking a whole batch. A malformed document or
+change is logged with its `_id` (through `parse_or_log`) and skipped; the rest of
+the batch goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import structlog
+from bson import Timestamp
+
+from streamer.directory import parse_or_log
+from streamer.model import (
+    PRESENCES,
+    USERS,
+    MalformedDocument,
+    Message,
+    Presence,
+    Subscription,
+    User,
+    to_epoch,
+)
+from streamer.sources.cache import CachedDirectory
+from streamer.sources.events import MessageInserted, PresenceChanged, RoomRead, ThreadRead
+
+log = structlog.get_logger("streamer.sources")
+Change = Mapping[str, Any]
+
+
+def change_time(change: Change) -> float:
+    """When the change happened on the server: `wallTime` (ms), else `clusterTime` (s)."""
+    wall = to_epoch(change.get("wallTime"))
+    if wall is not None:
+        return wall
+    cluster = change.get("clusterTime")
+    return float(cluster.time) if isinstance(cluster, Timestamp) else time.time()
+
+
+def _document_id(change: Change) -> object:
+    key = change.get("documentKey")
+    return key.get("_id") if isinstance(key, Mapping) else None
+
+
+def messages_inserted(changes: Sequence[Change]) -> list[MessageInserted]:
+    inserted = []
+    for change in changes:
+        if change.get("operationType") != "insert":
+            continue
+        message = parse_or_log(Message.from_doc, change.get("fullDocument"))
+        if message is not None:
+            inserted.append(MessageInserted(message, change_time(change)))
+    return inserted
+
+
+def subscription_reads(
+    directory: CachedDirectory, changes: Sequence[Change]
+) -> list[RoomRead | ThreadRead]:
+    """Keep the subscription caches current and report the reads the batch contains."""
+    reads: list[RoomRead | ThreadRead] = []
+    for change in changes:
+        subscription_id = _document_id(change)
+        if not isinstance(subscription_id, str):
+            continue
+        operation = change.get("operationType")
+        if operation == "delete":
+            directory.subscription_removed(subscription_id)
+        elif operation in ("insert", "replace"):
+            subscription = parse_or_log(Subscription.from_doc, change.get("fullDocument"))
+            if subscription is not None:
+                directory.subscription_changed(subscription)
+                directory.remember_tunread(subscription.id, subscription.tunread)
+        elif operation == "update":
+            reads.extend(_subscription_updated(directory, subscription_id, change))
+    return reads
+
+
+def _subscription_updated(
+    directory: CachedDirectory, subscription_id: str, change: Change
+) -> list[RoomRead | ThreadRead]:
+    description = change.get("updateDescription") or {}
+    updated = description.get("updatedFields") or {}
+    full = change.get("fullDocument")
+    # updateLookup returns the document as it is now (None once deleted): good for
+    # the cache and for uid/rid, which never change; the event's own fields say
+    # what this update did.
+    subscription = None if full is None else parse_or_log(Subscription.from_doc, full)
+    owner = (
+        (subscription.uid, subscription.rid)
+        if subscription is not None
+        else directory.subscription_owner(subscription_id)
+    )
+    previous = directory.previous_tunread(subscription_id)
+    tunread = tunread_after(previous, description)
+    if subscription is not None:
+        if tunread is not None:
+            subscription = dataclasses.replace(subscription, tunread=tunread)
+        directory.subscription_changed(subscription)
+    if tunread is None and subscription is not None and previous is None:
+        tunread = subscription.tunread
+    if tunread is not None:
+        directory.remember_tunread(subscription_id, tunread)
+    if owner is None:
+        log.debug("read_of_unknown_subscription", subscription_id=subscription_id)
+        return []
+    uid, rid = owner
+    reads: list[RoomRead | ThreadRead] = []
+    if "ls" in updated or updated.get("unread") == 0:
+        reads.append(RoomRead(uid=uid, rid=rid, ls=to_epoch(updated.get("ls"))))
+    if previous is not None and tunread is not None:
+        reads.extend(ThreadRead(uid, rid, tmid) for tmid in previous if tmid not in tunread)
+    return reads
+
+
+def tunread_after(
+    previous: tuple[str, ...] | None, description: Mapping[str, Any]
+) -> tuple[str, ...] | None:
+    """The subscription's `tunread` after this update; None when untouched or not knowable.
+
+    MongoDB reports an array either whole (`tunread`), per element (`tunread.3`
+    after a `$push`) or cut short (`truncatedArrays`); the last two need the
+    previous value.
+    """
+    updated: Mapping[str, Any] = description.get("updatedFields") or {}
+    if "tunread" in (description.get("removedFields") or ()):
+        return ()
+    if "tunread" in updated:
+        value = updated["tunread"]
+        return tuple(v for v in value if isinstance(v, str)) if isinstance(value, list) else ()
+    elements = {k: v for k, v in updated.items() if k.startswith("tunread.")}
+    cuts = [
+        cut.get("newSize")
+        for cut in description.get("truncatedArrays") or ()
+        if isinstance(cut, Mapping) and cut.get("field") == "tunread"
+    ]
+    if not elements and not cuts:
+        return None
+    if previous is None:
+        return None
+    items = list(previous)
+    for size in cuts:
+        if isinstance(size, int):
+            del items[size:]
+    for key, value in sorted(elements.items(), key=lambda kv: _index(kv[0])):
+        index = _index(key)
+        if isinstance(value, str) and 0 <= index < len(items):
+            items[index] = value
+        elif isinstance(value, str):
+            items.append(value)
+    return tuple(items)
+
+
+def _index(key: str) -> int:
+    _, _, position = key.partition(".")
+    return int(position) if position.isdigit() else -1
+
+
+def presence_changes(
+    directory: CachedDirectory, changes: Sequence[Change]
+) -> list[PresenceChanged]:
+    """Keep the users cache current and report every change of `status`."""
+    found: list[PresenceChanged] = []
+    for change in changes:
+        uid = _document_id(change)
+        if not isinstance(uid, str):
+            continue
+        operation = change.get("operationType")
+        if operation == "delete":
+            directory.user_removed(uid)
+            continue
+        checked = parse_or_log(_new_status, change)
+        if checked is None:
+            continue
+        (status,) = checked
+        user = _current_user(change)
+        previous = directory.presence(uid)
+        if user is not None:
+            directory.user_changed(
+                user if status is None else dataclasses.replace(user, status=status)
+            )
+        if status is not None and status != previous and operation in ("update", "replace"):
+            found.append(PresenceChanged(uid, status, previous, change_time(change)))
+    return found
+
+
+def _current_user(change: Change) -> User | None:
+    full = change.get("fullDocument")
+    return None if full is None else parse_or_log(User.from_doc, full)
+
+
+def _new_status(change: object) -> tuple[Presence | None]:
+    """The status this change set (not the looked-up document's, which may be newer).
+
+    In a 1-tuple, so "no status change" (None) differs from "malformed" (raised).
+    """
+    if not isinstance(change, Mapping):
+        raise MalformedDocument(USERS, None, "not a change document")
+    if change.get("operationType") == "update":
+        fields = (change.get("updateDescription") or {}).get("updatedFields") or {}
+        if "status" not in fields:
+            return (None,)
+        status = fields["status"]
+    else:
+        full = change.get("fullDocument") or {}
+        status = full.get("status", "offline")
+    if status not in PRESENCES:
+        raise MalformedDocument(USERS, _document_id(change), f"status={status!r} is not a presence")
+    return (status,)
+
+
+def settings_changed(directory: CachedDirectory, changes: Sequence[Change]) -> None:
+    for change in changes:
+        setting_id = _document_id(change)
+        if not isinstance(setting_id, str):
+            continue
+        if change.get("operationType") == "delete":
+            directory.setting_changed(setting_id, None)
+            continue
+        full = change.get("fullDocument")
+        if isinstance(full, Mapping):
+            directory.setting_changed(setting_id, full.get("value"))
+
+
+def tokens_changed(directory: CachedDirectory, changes: Sequence[Change]) -> None:
+    for change in changes:
+        token_id = _document_id(change)
+        if not isinstance(token_id, str):
+            continue
+        full = change.get("fullDocument")
+        owner = full.get("userId") if isinstance(full, Mapping) else None
+        directory.token_changed(token_id, owner if isinstance(owner, str) else None)

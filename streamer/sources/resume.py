@@ -1,0 +1,80 @@
+"""Where each change stream left off, persisted in the state collection.
+
+One document per (instance, stream): `_id = "resume:<instance>:<stream>"`, holding
+the resume token saved after the batch it ends was handled. Saving after the
+handler (never before) is what makes a restart lose nothing: a batch whose
+handler did not finish is read again, and downstream is idempotent by message id.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from pymongo.asynchronous.collection import AsyncCollection
+
+from streamer import metrics
+
+Doc = dict[str, Any]
+
+
+def token_time(token: Mapping[str, Any] | None) -> float | None:
+    """The cluster time (epoch seconds) a resume token points at, if it can be read.
+
+    A token's `_data` is a hex KeyString that starts with the type byte 0x82 and
+    the 4-byte seconds of the event's cluster time.
+    """
+    data = None if token is None else token.get("_data")
+    if not isinstance(data, str) or len(data) < 10 or not data.startswith("82"):
+        return None
+    try:
+        return float(int(data[2:10], 16))
+    except ValueError:
+        return None
+
+
+class ResumeTokens:
+    """Loads and saves one instance's resume tokens; exposes each token's age as a metric."""
+
+    def __init__(self, state: AsyncCollection[Doc], instance: str) -> None:
+        self._state = state
+        self._instance = instance
+        self._saved_at: dict[str, float] = {}
+
+    def key(self, stream: str) -> str:
+        return f"resume:{self._instance}:{stream}"
+
+    async def load(self, stream: str) -> Mapping[str, Any] | None:
+        doc = await self._state.find_one({"_id": self.key(stream)})
+        if doc is None or not isinstance(doc.get("token"), Mapping):
+            return None
+        saved_at = doc.get("saved_at")
+        self._track(stream, float(saved_at) if isinstance(saved_at, int | float) else time.time())
+        token: Mapping[str, Any] = doc["token"]
+        return token
+
+    async def save(self, stream: str, token: Mapping[str, Any]) -> None:
+        now = time.time()
+        await self._state.update_one(
+            {"_id": self.key(stream)},
+            {"$set": {"token": dict(token), "saved_at": now, "stream": stream}},
+            upsert=True,
+        )
+        self._track(stream, now)
+
+    async def drop(self, stream: str) -> None:
+        await self._state.delete_one({"_id": self.key(stream)})
+        self._saved_at.pop(stream, None)
+
+    def saved_at(self, stream: str) -> float:
+        """When the token was last saved (0 if never): quiet streams save only now and then."""
+        return self._saved_at.get(stream, 0.0)
+
+    def _track(self, stream: str, saved_at: float) -> None:
+        first = stream not in self._saved_at
+        self._saved_at[stream] = saved_at
+        if first:
+            metrics.RESUME_TOKEN_AGE.labels(stream).set_function(
+                lambda: time.time() - self._saved_at.get(stream, time.time())
+            )

@@ -1,0 +1,389 @@
+"""The five change streams: batched, resumable, reconnecting, never crash-looping.
+
+Each stream is read one server batch at a time (one `getMore`): the batch is
+turned into typed events and handed to the next stage in one call, and the
+stream reads nothing more until that call returns (backpressure). Then the
+batch's resume token — the `postBatchResumeToken`, so even an empty batch on a
+quiet collection moves it forward — is saved (`resume.py`). Quiet streams save
+at most every `idle_save_interval` seconds: every save is itself an oplog entry.
+
+Failures, in order of how they are met:
+- connection lost, not primary, step-down: reconnect with exponential backoff and
+  jitter (tenacity), from the saved token; every attempt is logged and counted.
+  A stream that had delivered before failing starts a fresh backoff.
+- saved token no longer resumable (history lost, invalid token): if the stream
+  opens from "now", the gap (token time → now) is logged as an error, counted in
+  `streamer_change_stream_history_lost`, and the stream goes on from now.
+  If it does not open from "now" either, the token was not the problem and the
+  error is raised, with the token kept.
+- a malformed document: logged with its `_id` and skipped (`changes.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import structlog
+from pymongo.asynchronous.change_stream import AsyncChangeStream
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    wait_exponential,
+    wait_random,
+)
+
+from streamer import metrics
+from streamer.config import Config
+from streamer.model import MESSAGES, PUSH_TOKENS, SETTING_IDS, SETTINGS, SUBSCRIPTIONS, USERS
+from streamer.sources import changes as meaning
+from streamer.sources.cache import USER_FIELDS, CachedDirectory
+from streamer.sources.events import MessageInserted, PresenceChanged, RoomRead, ThreadRead
+from streamer.sources.resume import ResumeTokens, token_time
+
+log = structlog.get_logger("streamer.sources")
+Doc = dict[str, Any]
+Change = Mapping[str, Any]
+
+OnMessages = Callable[[Sequence[MessageInserted]], Awaitable[None]]
+OnReads = Callable[[Sequence[RoomRead | ThreadRead]], Awaitable[None]]
+OnPresence = Callable[[Sequence[PresenceChanged]], Awaitable[None]]
+
+#: Message fields the rules read (SPEC §2). Of the attachments only their
+#: presence matters: projecting one sub-field keeps one (maybe empty) object each.
+MESSAGE_FIELDS = (
+    "_id", "rid", "msg", "ts", "u", "t", "tmid", "tcount", "replies", "mentions",
+    "_hidden", "editedAt", "e2e", "attachments.title",
+)  # fmt: skip
+#: Subscription fields whose change matters: reads, preferences, membership. Other
+#: updates — above all the `$inc` of `unread` on every message — never leave MongoDB.
+SUBSCRIPTION_FIELDS = (
+    "ls", "tunread", "open", "archived", "disableNotifications", "ignored",
+    "muteGroupMentions", "mobilePushNotifications", "emailNotifications",
+    "userHighlights", "name", "fname", "t", "rid", "u",
+)  # fmt: skip
+#: User fields whose change matters: presence, activity, preferences, addresses.
+USER_WATCHED_FIELDS = (
+    "username", "name", "active", "status", "statusConnection", "emails", "roles", "settings",
+)  # fmt: skip
+#: Server errors after which a change stream can be resumed (MongoDB's list).
+RESUMABLE_CODES = frozenset(
+    {6, 7, 43, 89, 91, 133, 150, 189, 234, 262, 9001, 10107, 11600, 11602, 13435, 13436}
+)
+CHANGE_EVENT_FIELDS = ("operationType", "clusterTime", "wallTime", "documentKey")
+_UPDATED_UNREAD = "updateDescription.updatedFields.unread"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTuning:
+    #: Most changes per server batch (and so per handler call).
+    batch_size: int = 5000
+    #: Seconds a getMore waits for changes on a quiet collection.
+    max_await: float = 1.0
+    #: Seconds between token saves while a stream has nothing to deliver.
+    idle_save_interval: float = 10.0
+    reconnect_initial: float = 0.5
+    reconnect_max: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    name: str
+    collection: str
+    pipeline: list[Doc]
+    full_document: str | None
+    handle: Callable[[Sequence[Change]], Awaitable[None]]
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth reconnecting for: the network, an election, a shutdown — not a bad request."""
+    if isinstance(exc, ConnectionFailure):
+        return True
+    return isinstance(exc, OperationFailure) and (
+        exc.has_error_label("ResumableChangeStreamError") or exc.code in RESUMABLE_CODES
+    )
+
+
+class Sources:
+    """Runs every change stream until cancelled; `ready` while all of them are open."""
+
+    def __init__(
+        self,
+        db: AsyncDatabase[Doc],
+        config: Config,
+        directory: CachedDirectory,
+        on_messages: OnMessages,
+        on_reads: OnReads,
+        on_presence: OnPresence,
+        tuning: StreamTuning = StreamTuning(),
+    ) -> None:
+        self._db = db
+        self._directory = directory
+        self._on_messages = on_messages
+        self._on_reads = on_reads
+        self._on_presence = on_presence
+        self._tuning = tuning
+        self._tokens = ResumeTokens(
+            db[config.mongo.state_collection], config.app.instance_id or "default"
+        )
+        self.streams = self._streams()
+        self._open: set[str] = set()
+
+    @property
+    def ready(self) -> bool:
+        return len(self._open) == len(self.streams)
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            for stream in self.streams:
+                tg.start_soon(self._follow, stream, name=f"stream:{stream.name}")
+
+    def _streams(self) -> list[Stream]:
+        return [
+            Stream("messages", MESSAGES, _messages_pipeline(), None, self._messages),
+            Stream(
+                "subscriptions",
+                SUBSCRIPTIONS,
+                _updates_of(
+                    SUBSCRIPTION_FIELDS, also={"updateDescription.updatedFields.unread": 0}
+                ),
+                "updateLookup",
+                self._subscriptions,
+            ),
+            Stream("users", USERS, _users_pipeline(), "updateLookup", self._users),
+            Stream(
+                "settings",
+                SETTINGS,
+                [{"$match": {"documentKey._id": {"$in": sorted(SETTING_IDS)}}}],
+                "updateLookup",
+                self._settings,
+            ),
+            Stream("push_tokens", PUSH_TOKENS, [], "updateLookup", self._tokens_changed),
+        ]
+
+    # --- what each stream does with a batch --------------------------------------
+
+    async def _messages(self, batch: Sequence[Change]) -> None:
+        metrics.MESSAGES_SEEN.inc(len(batch))
+        inserted = meaning.messages_inserted(batch)
+        if inserted:
+            await self._on_messages(inserted)
+
+    async def _subscriptions(self, batch: Sequence[Change]) -> None:
+        reads = meaning.subscription_reads(self._directory, batch)
+        if reads:
+            await self._on_reads(reads)
+
+    async def _users(self, batch: Sequence[Change]) -> None:
+        changed = meaning.presence_changes(self._directory, batch)
+        if changed:
+            await self._directory.record_presence(changed)
+            await self._on_presence(changed)
+
+    async def _settings(self, batch: Sequence[Change]) -> None:
+        meaning.settings_changed(self._directory, batch)
+
+    async def _tokens_changed(self, batch: Sequence[Change]) -> None:
+        meaning.tokens_changed(self._directory, batch)
+
+    # --- the machinery -----------------------------------------------------------
+
+    async def _follow(self, stream: Stream) -> None:
+        """Tail one stream for ever, reconnecting with backoff on transient errors."""
+        while True:
+            retrying = AsyncRetrying(
+                retry=retry_if_exception(is_transient),
+                wait=wait_exponential(
+                    multiplier=self._tuning.reconnect_initial, max=self._tuning.reconnect_max
+                )
+                + wait_random(0, self._tuning.reconnect_initial),
+                before_sleep=lambda state: _log_reconnect(stream.name, state),
+                reraise=True,
+            )
+            await retrying(self._tail, stream)
+
+    async def _tail(self, stream: Stream) -> None:
+        """Deliver batches until the stream fails or is invalidated.
+
+        Returns (for an immediate reopen) on an invalidation or on a transient
+        error after the stream had delivered; raises a transient error met before
+        that, so the caller backs off.
+        """
+        token = await self._tokens.load(stream.name)
+        changes, batch = await self._open_stream(stream, token)
+        self._open.add(stream.name)
+        delivered = False
+        try:
+            while True:
+                await self._deliver(stream, changes, batch)
+                delivered = True
+                if not changes.alive:
+                    log.warning("change_stream_invalidated", stream=stream.name)
+                    return
+                batch = await next_batch(changes)
+        except PyMongoError as exc:
+            if not delivered or not is_transient(exc):
+                raise
+            log.warning("change_stream_interrupted", stream=stream.name, error=repr(exc))
+            metrics.RECONNECTS.labels(stream.name).inc()
+        finally:
+            self._open.discard(stream.name)
+            await _close(changes)
+
+    async def _deliver(
+        self, stream: Stream, changes: AsyncChangeStream[Doc], batch: Sequence[Change]
+    ) -> None:
+        """Hand one batch on, then save where it ended (never before: see resume.py)."""
+        if batch:
+            await stream.handle(batch)
+            lag = time.time() - meaning.change_time(batch[-1])
+            metrics.STREAM_LAG.labels(stream.name).set(max(0.0, lag))
+        else:
+            metrics.STREAM_LAG.labels(stream.name).set(0.0)
+        token = changes.resume_token
+        quiet_for = time.time() - self._tokens.saved_at(stream.name)
+        if token is not None and (batch or quiet_for >= self._tuning.idle_save_interval):
+            await self._tokens.save(stream.name, token)
+
+    async def _open_stream(
+        self, stream: Stream, token: Mapping[str, Any] | None
+    ) -> tuple[AsyncChangeStream[Doc], list[Change]]:
+        """Open after the saved token; with none (first start), where the caches were loaded."""
+        if token is None:
+            return await self._watch(stream, start_at=self._directory.loaded_at)
+        try:
+            return await self._watch(stream, start_after=token)
+        except OperationFailure as exc:
+            if is_transient(exc):
+                raise
+            opened = await self._watch(stream)
+            await self._history_lost(stream, token, exc, opened[0])
+            return opened
+
+    async def _watch(
+        self, stream: Stream, start_after: Mapping[str, Any] | None = None, start_at: Any = None
+    ) -> tuple[AsyncChangeStream[Doc], list[Change]]:
+        """Open the stream and read its first batch: a bad token may fail either step."""
+        changes = await self._db[stream.collection].watch(
+            stream.pipeline,
+            full_document=stream.full_document,
+            start_after=start_after,
+            start_at_operation_time=start_at,
+            batch_size=self._tuning.batch_size,
+            max_await_time_ms=int(self._tuning.max_await * 1000),
+        )
+        try:
+            return changes, await next_batch(changes)
+        except BaseException:
+            await _close(changes)
+            raise
+
+    async def _history_lost(
+        self,
+        stream: Stream,
+        token: Mapping[str, Any],
+        exc: OperationFailure,
+        reopened: AsyncChangeStream[Doc],
+    ) -> None:
+        """Report the gap, and save a token from now so the next start does not meet it again."""
+        since = token_time(token)
+        log.error(
+            "change_stream_history_lost",
+            stream=stream.name,
+            skipped_from=since,
+            skipped_to=time.time(),
+            skipped_seconds=None if since is None else round(time.time() - since, 3),
+            code=exc.code,
+            error=str(exc),
+            consequence="changes between these times were not processed",
+        )
+        metrics.HISTORY_LOST.labels(stream.name).inc()
+        if reopened.resume_token is not None:
+            await self._tokens.save(stream.name, reopened.resume_token)
+        else:
+            await self._tokens.drop(stream.name)
+
+
+async def next_batch(changes: AsyncChangeStream[Doc]) -> list[Change]:
+    """The changes of one server batch: the unit of handling and of token saves.
+
+    pymongo hands changes out one by one; whether the current batch has more is
+    only known to its cursor (`_has_next`), which pymongo's own resume-token
+    bookkeeping relies on too.
+    """
+    first = await changes.try_next()
+    if first is None:
+        return []
+    batch: list[Change] = [first]
+    while changes._cursor._has_next():
+        change = await changes.try_next()
+        if change is None:
+            break
+        batch.append(change)
+    return batch
+
+
+async def _close(changes: AsyncChangeStream[Doc]) -> None:
+    """Close even while being cancelled, so the server-side cursor is not left behind."""
+    with anyio.move_on_after(5, shield=True):
+        with contextlib.suppress(PyMongoError):
+            await changes.close()
+
+
+def _log_reconnect(stream: str, state: RetryCallState) -> None:
+    error = state.outcome.exception() if state.outcome else None
+    wait = state.next_action.sleep if state.next_action else None
+    log.warning(
+        "change_stream_reconnecting", stream=stream, attempt=state.attempt_number,
+        wait_seconds=wait, error=repr(error),
+    )  # fmt: skip
+    metrics.RECONNECTS.labels(stream).inc()
+
+
+def _messages_pipeline() -> list[Doc]:
+    projection = dict.fromkeys(CHANGE_EVENT_FIELDS, 1)
+    projection.update({f"fullDocument.{field}": 1 for field in MESSAGE_FIELDS})
+    return [{"$match": {"operationType": "insert"}}, {"$project": projection}]
+
+
+def _users_pipeline() -> list[Doc]:
+    projection = dict.fromkeys((*CHANGE_EVENT_FIELDS, "updateDescription"), 1)
+    projection.update({f"fullDocument.{field}": 1 for field in ("_id", *USER_FIELDS)})
+    return [*_updates_of(USER_WATCHED_FIELDS), {"$project": projection}]
+
+
+def _updates_of(fields: Sequence[str], also: Doc | None = None) -> list[Doc]:
+    """Inserts, replaces and deletes, and the updates that set or remove one of `fields`."""
+    pattern = f"^({'|'.join(fields)})(\\.|$)"
+
+    def any_matches(array: object, item: str) -> Doc:
+        return {
+            "$expr": {
+                "$anyElementTrue": [
+                    {
+                        "$map": {
+                            "input": array,
+                            "in": {"$regexMatch": {"input": item, "regex": pattern}},
+                        }
+                    }
+                ]
+            }
+        }
+
+    updated_keys = {"$objectToArray": {"$ifNull": ["$updateDescription.updatedFields", {}]}}
+    removed = {"$ifNull": ["$updateDescription.removedFields", []]}
+    alternatives: list[Doc] = [
+        {"operationType": {"$in": ["insert", "replace", "delete"]}},
+        any_matches(updated_keys, "$$this.k"),
+        any_matches(removed, "$$this"),
+    ]
+    if also:
+        alternatives.append(also)
+    return [{"$match": {"$or": alternatives}}]
