@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterator
 
+import anyio
 import httpx
 import pytest
 from prometheus_client import REGISTRY
@@ -262,3 +263,41 @@ async def test_pushes_are_counted_by_provider_and_result(
     await make_sender().send(CONTENT, devices, FIRST)
     assert metric("streamer_pushes_total", provider="gateway", result="sent") == sent + 1
     assert metric("streamer_pushes_total", provider="gateway", result="rejected") == rejected + 1
+
+
+@pytest.mark.anyio
+async def test_a_timed_out_push_is_retried_because_it_may_not_have_arrived(
+    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp, clock: Clock
+) -> None:
+    [device] = await stored_devices(db, "gcm")
+    stub.script("/push/gcm/send", Reply(delay=1.0))
+    sender = make_sender()
+    retry = await sender.send(CONTENT, [device], FIRST)
+    assert isinstance(retry, RetryAt)
+    assert "timed out" in retry.error
+    clock.now = retry.at
+    assert await sender.send(CONTENT, [device], retry.attempts) == Delivered()
+    assert len(stub.received()) == 2
+
+
+@pytest.mark.anyio
+async def test_the_in_flight_cap_holds_requests_beyond_its_limit() -> None:
+    cap = InFlightCap(2)
+    release = anyio.Event()
+    before = metric("streamer_pushes_in_flight")
+    entered: list[int] = []
+
+    async def request(n: int) -> None:
+        async with cap.slot():
+            entered.append(n)
+            await release.wait()
+
+    async with anyio.create_task_group() as tasks:
+        for n in range(5):
+            tasks.start_soon(request, n)
+        await anyio.wait_all_tasks_blocked()
+        assert len(entered) == 2
+        assert metric("streamer_pushes_in_flight") == before + 2
+        release.set()
+    assert len(entered) == 5
+    assert metric("streamer_pushes_in_flight") == before
