@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     command("config", "print the effective configuration, secrets redacted")
     command("doctor", "check the deployment (SPEC §8): each check PASS/WARN/FAIL with the fix")
+    explain = command("explain", "why a message did or did not notify each member, in words")
+    explain.add_argument("message_id", metavar="MESSAGE_ID")
+    explain.add_argument("--user", metavar="USERNAME_OR_ID", help="explain for this member only")
     return parser
 
 
@@ -51,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "doctor":
         return _doctor(config)
+    if args.command == "explain":
+        return _explain(config, args.message_id, args.user)
     configure_logging(config.log, secret_values(config))
     return _run(config, dev_mongo=args.dev_mongo)
 
@@ -61,6 +66,13 @@ def _doctor(config: Config) -> int:
     # The report is the output; only errors may interleave with it as log lines.
     configure_logging(dataclasses.replace(config.log, level="error"), secret_values(config))
     return doctor.main(config, sys.stdout)
+
+
+def _explain(config: Config, message_id: str, user: str | None) -> int:
+    from streamer import explain
+
+    configure_logging(dataclasses.replace(config.log, level="error"), secret_values(config))
+    return explain.main(config, message_id, user, sys.stdout, sys.stderr)
 
 
 def _run(config: Config, dev_mongo: bool) -> int:
