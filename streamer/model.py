@@ -350,7 +350,9 @@ def _first_verified_email(emails: object) -> str | None:
 
 def _preference(value: object) -> PushPreference | None:
     """User preferences are advisory: an unknown value means 'not set', not a bad user."""
-    return value if value in PUSH_PREFERENCES else None  # type: ignore[return-value]
+    if isinstance(value, str) and value in PUSH_PREFERENCES:
+        return value  # type: ignore[return-value]
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,7 +462,8 @@ def _as_str(value: object) -> Any:
 
 
 def _as_preference(value: object) -> Any:
-    return value if value in PUSH_PREFERENCES and value != "default" else _INVALID
+    valid = isinstance(value, str) and value in PUSH_PREFERENCES and value != "default"
+    return value if valid else _INVALID
 
 
 def _as_lines(value: object) -> Any:

@@ -5,12 +5,17 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
+import anyio
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.database import Database
 
 from streamer.config import Config
 from streamer.decisions import MessageDecisions, decide_message, recheck
-from streamer.directory import DatabaseDirectory
+from streamer.directory import DatabaseDirectory, parse_or_log
 from streamer.model import (
     MESSAGES,
     PERMISSIONS,
@@ -24,6 +29,7 @@ from streamer.model import (
 )
 from streamer.rules import Reason
 from tests import factories as f
+from tests import test_rules_properties as props
 
 pytestmark = pytest.mark.anyio
 Doc = dict[str, Any]
@@ -263,3 +269,59 @@ async def test_recheck_drops_when_the_user_left_the_room(db: AsyncDatabase[Doc])
     room, message = await queued_dm(db)
     await db[SUBSCRIPTIONS].delete_one({"rid": room["_id"], "u._id": "u-bob"})
     assert await check_again(db, message) is Reason.NOT_A_MEMBER
+
+
+# -- arbitrary documents in the real collections -------------------------------------------
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    message_doc=props.message_docs,
+    parent_doc=props.message_docs,
+    room_doc=props.room_docs,
+    sub_docs=st.lists(props.subscription_docs, max_size=4),
+    user_docs=st.lists(props.user_docs, max_size=4, unique_by=lambda d: repr(d.get("_id"))),
+    token_docs=st.lists(props.token_docs, max_size=3),
+)
+def test_decide_message_never_raises_on_documents_in_the_database(
+    mongo_uri: str,
+    sync_db: Database[Doc],
+    message_doc: Doc,
+    parent_doc: Doc,
+    room_doc: Doc,
+    sub_docs: list[Doc],
+    user_docs: list[Doc],
+    token_docs: list[Doc],
+) -> None:
+    """Whatever is stored, every member gets a decision or the message a skip reason."""
+    message = parse_or_log(Message.from_doc, message_doc)
+    assume(message is not None)
+    assert message is not None
+    # _id is set here: MongoDB itself refuses arrays and duplicates as _id.
+    stored = {
+        MESSAGES: [{**parent_doc, "_id": "p1"}],
+        ROOMS: [{**room_doc, "_id": message.rid}],
+        SUBSCRIPTIONS: [{**d, "_id": f"s{i}"} for i, d in enumerate(sub_docs)],
+        USERS: [{**d, "_id": d["_id"] if d.get("_id") in props.UIDS else f"bad-u{i}"}
+                for i, d in enumerate(user_docs)],
+        PUSH_TOKENS: [{**d, "_id": f"t{i}"} for i, d in enumerate(token_docs)],
+    }  # fmt: skip
+    for collection, docs in stored.items():
+        sync_db[collection].delete_many({})
+        if docs:
+            sync_db[collection].insert_many(docs)
+
+    async def decide_it() -> MessageDecisions:
+        client: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_uri)
+        try:
+            directory = DatabaseDirectory(client[sync_db.name])
+            return await decide_message(directory, message, Settings(), CONFIG, message.ts)
+        finally:
+            await client.close()
+
+    result = anyio.run(decide_it)
+    assert (result.skipped is None) or not result.decisions
