@@ -251,7 +251,7 @@ async def test_setting_changes_reach_the_cached_settings(db: AsyncDatabase[Doc])
         await db[SETTINGS].delete_one({"_id": "Notifications_Max_Room_Members"})
         await db[SETTINGS].update_one({"_id": "Site_Name"}, {"$set": {"value": "Renamed"}})
         await db[SETTINGS].insert_one(f.setting("UI_Use_Real_Name", True))
-        await _settle(directory.settings, lambda settings: settings.use_real_name)
+        await settle(directory.settings, lambda settings: settings.use_real_name)
     settings = await directory.settings()
     assert (settings.push_enable, settings.site_name) == (False, "Renamed")
     assert settings.max_room_members == 100
@@ -263,9 +263,9 @@ async def test_token_changes_reach_the_cached_devices(db: AsyncDatabase[Doc]) ->
     async with running(db, Recorder(), directory):
         assert await directory.devices([ALICE["_id"]]) == {}
         await db[PUSH_TOKENS].insert_one(token)
-        await _settle(lambda: directory.devices([ALICE["_id"]]), lambda found: bool(found))
+        await settle(lambda: directory.devices([ALICE["_id"]]), lambda found: bool(found))
         await db[PUSH_TOKENS].delete_one({"_id": token["_id"]})
-        await _settle(lambda: directory.devices([ALICE["_id"]]), lambda found: not found)
+        await settle(lambda: directory.devices([ALICE["_id"]]), lambda found: not found)
 
 
 async def test_membership_and_preference_changes_reach_cached_rooms(
@@ -280,19 +280,19 @@ async def test_membership_and_preference_changes_reach_cached_rooms(
         await db[SUBSCRIPTIONS].update_one(
             {"_id": alice_sub["_id"]}, {"$set": {"mobilePushNotifications": "nothing"}}
         )
-        await _settle(
+        await settle(
             lambda: directory.subscription(ALICE["_id"], "GENERAL"),
             lambda sub: sub is not None and sub.mobile_push == "nothing",
         )
-        await _settle(lambda: directory.subscriptions("GENERAL"), lambda subs: len(subs) == 2)
+        await settle(lambda: directory.subscriptions("GENERAL"), lambda subs: len(subs) == 2)
         await db[SUBSCRIPTIONS].delete_one({"_id": alice_sub["_id"]})
-        await _settle(
+        await settle(
             lambda: directory.subscriptions("GENERAL"),
             lambda subs: [s.uid for s in subs] == [BOB["_id"]],
         )
 
 
-async def _settle(lookup: Callable[[], Any], done: Callable[[Any], bool]) -> None:
+async def settle(lookup: Callable[[], Any], done: Callable[[Any], bool]) -> None:
     """Wait until an async lookup's answer satisfies `done` (a stream updates it meanwhile)."""
     deadline = anyio.current_time() + 15
     while not done(await lookup()):

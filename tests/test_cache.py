@@ -1,0 +1,169 @@
+"""CachedDirectory answers exactly what DatabaseDirectory answers, within its memory bounds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pymongo.asynchronous.database import AsyncDatabase
+
+from streamer.directory import DatabaseDirectory
+from streamer.model import (
+    MESSAGES,
+    PERMISSIONS,
+    PUSH_TOKENS,
+    ROOMS,
+    SETTINGS,
+    SUBSCRIPTIONS,
+    TEAM_MEMBERS,
+    USERS,
+)
+from streamer.sources.cache import CachedDirectory, CacheLimits
+from streamer.sources.events import PresenceChanged
+from streamer.sources.lru import Freshness, Lru
+from tests import factories as f
+
+pytestmark = pytest.mark.anyio
+Doc = dict[str, Any]
+STATE = "streamer_state"
+
+PRESENCE = {"alice": "online", "bob": "away", "carol": "offline", "dave": "busy"}
+USERS_DOCS = [f.user(name, status=status) for name, status in PRESENCE.items()]
+ALICE, BOB, CAROL, DAVE = USERS_DOCS
+ROOMS_DOCS = [f.room("GENERAL"), f.room("random", "p"), f.room("DM", "d", usersCount=2)]
+GENERAL, RANDOM, DM = ROOMS_DOCS
+
+
+async def seed(db: AsyncDatabase[Doc]) -> None:
+    await db[USERS].insert_many([*USERS_DOCS, {"_id": "broken", "status": "dnd"}])
+    await db[ROOMS].insert_many(ROOMS_DOCS)
+    await db[SUBSCRIPTIONS].insert_many(
+        [
+            f.subscription(ALICE, GENERAL, unread=2, tunread=["t1"]),
+            f.subscription(BOB, GENERAL, mobilePushNotifications="mentions"),
+            f.subscription(CAROL, GENERAL, archived=True, unread=5),
+            f.subscription(ALICE, RANDOM, unread=1),
+            f.subscription(DAVE, RANDOM),
+            f.subscription(ALICE, DM),
+            f.subscription(BOB, DM, unread=4),
+        ]
+    )
+    await db[PUSH_TOKENS].insert_many(
+        [
+            f.push_token(ALICE, "apn"),
+            f.push_token(ALICE, "gcm"),
+            f.push_token(BOB, "gcm", enabled=False),
+            f.push_token(DAVE, "gcm"),
+        ]
+    )
+    await db[SETTINGS].insert_many(f.default_settings(Push_show_message=False))
+    await db[MESSAGES].insert_one(f.message(GENERAL, ALICE, "hello", _id="m1"))
+    await db[TEAM_MEMBERS].insert_many(
+        [{"teamId": "team1", "userId": ALICE["_id"]}, {"teamId": "team1", "userId": BOB["_id"]}]
+    )
+    await db[PERMISSIONS].insert_one({"_id": "view-d-room", "roles": ["user", "admin"]})
+
+
+async def loaded(db: AsyncDatabase[Doc], limits: CacheLimits | None = None) -> CachedDirectory:
+    directory = CachedDirectory(db, db[STATE], DatabaseDirectory(db), limits or CacheLimits())
+    await directory.load()
+    return directory
+
+
+def by_id(items: list[Any]) -> list[Any]:
+    return sorted(items, key=lambda item: item.id)
+
+
+async def assert_same_answers(cached: CachedDirectory, database: DatabaseDirectory) -> None:
+    uids = [u["_id"] for u in USERS_DOCS] + ["nobody"]
+    assert await cached.settings() == await database.settings()
+    for rid in ("GENERAL", "random", "DM", "missing"):
+        assert await cached.room(rid) == await database.room(rid)
+        assert by_id(await cached.subscriptions(rid)) == by_id(await database.subscriptions(rid))
+        for uid in uids:
+            assert await cached.subscription(uid, rid) == await database.subscription(uid, rid)
+    assert await cached.users(uids) == await database.users(uids)
+    cached_devices, db_devices = await cached.devices(uids), await database.devices(uids)
+    assert {k: by_id(v) for k, v in cached_devices.items()} == {
+        k: by_id(v) for k, v in db_devices.items()
+    }
+    assert await cached.message("m1") == await database.message("m1")
+    assert await cached.team_members("team1") == await database.team_members("team1")
+    assert await cached.roles_with_permission("view-d-room") == (
+        await database.roles_with_permission("view-d-room")
+    )
+    for uid in uids:
+        assert await cached.badge(uid) == await database.badge(uid)
+
+
+async def test_cached_answers_match_the_database(db: AsyncDatabase[Doc]) -> None:
+    await seed(db)
+    cached, database = await loaded(db), DatabaseDirectory(db)
+    await assert_same_answers(cached, database)  # misses: answered by queries, then stored
+    await assert_same_answers(cached, database)  # hits: answered from memory
+
+
+async def test_tiny_bounds_still_give_the_same_answers(db: AsyncDatabase[Doc]) -> None:
+    await seed(db)
+    limits = CacheLimits(users=2, device_owners=1, subscriptions=2, tunreads=1, rooms=1)
+    cached = await loaded(db, limits)
+    for _ in range(2):
+        await assert_same_answers(cached, DatabaseDirectory(db))
+
+
+async def test_load_warms_present_users_and_unread_threads(db: AsyncDatabase[Doc]) -> None:
+    await seed(db)
+    cached = await loaded(db)
+    assert cached.presence(ALICE["_id"]) == "online"
+    assert cached.presence(CAROL["_id"]) is None  # offline users are loaded on demand
+    (alice_general,) = [s for s in await cached.subscriptions("GENERAL") if s.uid == ALICE["_id"]]
+    assert cached.previous_tunread(alice_general.id) == ("t1",)
+
+
+async def test_away_since_is_persisted_and_forgotten_on_return(db: AsyncDatabase[Doc]) -> None:
+    await seed(db)
+    first = await loaded(db)
+    await first.record_presence([PresenceChanged(ALICE["_id"], "away", "online", at=1000.0)])
+    await first.record_presence([PresenceChanged(ALICE["_id"], "away", "away", at=2000.0)])
+    second = await loaded(db)
+    assert second.away_since(ALICE["_id"]) == 1000.0
+    await second.record_presence([PresenceChanged(ALICE["_id"], "online", "away", at=3000.0)])
+    third = await loaded(db)
+    alice = (await third.users([ALICE["_id"]]))[ALICE["_id"]]
+    assert third.away_since(ALICE["_id"]) == alice.updated_at
+
+
+async def test_away_since_falls_back_to_updated_at(db: AsyncDatabase[Doc]) -> None:
+    await seed(db)
+    cached = await loaded(db)
+    bob = (await cached.users([BOB["_id"]]))[BOB["_id"]]
+    assert bob.updated_at is not None
+    assert cached.away_since(BOB["_id"]) == bob.updated_at
+    assert cached.away_since("nobody") is None
+
+
+def test_lru_bounds_total_weight_and_reports_evictions() -> None:
+    evicted: list[str] = []
+    lru: Lru[str, list[int]] = Lru(5, weight=len, on_evict=lambda key, _: evicted.append(key))
+    assert lru.put("a", [1, 2])
+    assert lru.put("b", [1, 2])
+    assert lru.get("a") == [1, 2]  # "a" is now the most recently used
+    assert lru.put("c", [1, 2])
+    assert (evicted, lru.keys(), lru.total) == (["b"], ["a", "c"], 4)
+    assert not lru.put("huge", [0] * 6)
+    assert "huge" not in lru
+    assert not lru.put("a", [0] * 6)  # grown past the bound: dropped, and reported
+    assert (evicted, lru.keys(), lru.total) == (["b", "a"], ["c"], 2)
+
+
+def test_a_change_during_a_query_makes_its_answer_stale() -> None:
+    freshness = Freshness()
+    ticket = freshness.begin(["a", "b"])
+    freshness.changed("a")
+    freshness.changed("unrelated")
+    assert freshness.end(["a", "b"], ticket) == {"b"}
+    ticket = freshness.begin(["a"])
+    assert freshness.end(["a"], ticket) == {"a"}  # earlier changes do not count
+    ticket = freshness.begin(["a"])
+    freshness.all_changed()
+    assert freshness.end(["a"], ticket) == set()

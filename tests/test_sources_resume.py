@@ -1,0 +1,137 @@
+"""Durable resume: restarts lose and repeat nothing, lost history and lost servers are survived."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import pytest
+from prometheus_client import REGISTRY
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+from structlog.testing import capture_logs
+
+from streamer import devmongo
+from streamer.model import MESSAGES
+from tests import factories as f
+from tests.test_sources import ALICE, GENERAL, STATE, Recorder, running, settle, wait_until
+
+pytestmark = pytest.mark.anyio
+Doc = dict[str, Any]
+MESSAGES_TOKEN = "resume:default:messages"
+
+
+async def saved_token(db: AsyncDatabase[Doc], key: str = MESSAGES_TOKEN) -> Doc | None:
+    doc = await db[STATE].find_one({"_id": key})
+    return None if doc is None else doc["token"]
+
+
+def sample(name: str, stream: str) -> float:
+    return REGISTRY.get_sample_value(name, {"stream": stream}) or 0.0
+
+
+async def test_a_restart_loses_nothing_and_repeats_nothing(db: AsyncDatabase[Doc]) -> None:
+    before, during, after = (f.message(GENERAL, ALICE, text) for text in ("a", "b", "c"))
+    first, second = Recorder(), Recorder()
+    async with running(db, first):
+        await db[MESSAGES].insert_one(before)
+        await wait_until(lambda: first.messages == [before["_id"]])
+    await db[MESSAGES].insert_one(during)
+    async with running(db, second):
+        await db[MESSAGES].insert_one(after)
+        await wait_until(lambda: after["_id"] in second.messages)
+    assert second.messages == [during["_id"], after["_id"]]
+
+
+async def test_a_batch_whose_handler_was_cancelled_is_read_again(db: AsyncDatabase[Doc]) -> None:
+    message = f.message(GENERAL, ALICE)
+    stuck, second = Recorder(), Recorder()
+    stuck.hold = anyio.Event()  # never set: shutdown catches the handler mid-batch
+    async with running(db, stuck):
+        await db[MESSAGES].insert_one(message)
+        await wait_until(lambda: stuck.messages == [message["_id"]])
+    async with running(db, second):
+        await wait_until(lambda: second.messages == [message["_id"]])
+
+
+async def test_a_quiet_streams_token_still_advances(db: AsyncDatabase[Doc]) -> None:
+    """Writes elsewhere move the postBatchResumeToken of a collection nobody writes to."""
+    async with running(db, Recorder()):
+        await settle(lambda: saved_token(db), lambda token: token is not None)
+        first = await saved_token(db)
+        assert first is not None
+        await db["elsewhere"].insert_one({"_id": "x"})
+        await settle(lambda: saved_token(db), lambda token: token["_data"] > first["_data"])
+    assert await db[MESSAGES].count_documents({}) == 0
+
+
+async def unresumable_token(db: AsyncDatabase[Doc]) -> Doc:
+    """A well-formed token for an event the server cannot find at its cluster time."""
+    async with await db["forgery"].watch() as stream:
+        await db["forgery"].insert_one({"_id": "ab"})
+        change = await stream.next()
+    data: str = change["_id"]["_data"]
+    return {"_data": data.replace(b"ab".hex().upper(), b"zz".hex().upper())}
+
+
+@pytest.mark.parametrize("kind", ["garbage", "unresumable"])
+async def test_a_lost_token_is_reported_and_the_stream_restarts_from_now(
+    db: AsyncDatabase[Doc], kind: str
+) -> None:
+    token = {"_data": "zz"} if kind == "garbage" else await unresumable_token(db)
+    await db[STATE].insert_one({"_id": MESSAGES_TOKEN, "token": token})
+    skipped, kept = f.message(GENERAL, ALICE, "skipped"), f.message(GENERAL, ALICE, "kept")
+    await db[MESSAGES].insert_one(skipped)
+    lost_before = sample("streamer_change_stream_history_lost_total", "messages")
+    recorder = Recorder()
+    with capture_logs() as logs:
+        async with running(db, recorder):
+            await db[MESSAGES].insert_one(kept)
+            await wait_until(lambda: kept["_id"] in recorder.messages)
+    assert recorder.messages == [kept["_id"]]
+    (report,) = [line for line in logs if line["event"] == "change_stream_history_lost"]
+    assert report["stream"] == "messages"
+    assert report["log_level"] == "error"
+    assert sample("streamer_change_stream_history_lost_total", "messages") == lost_before + 1
+    assert await saved_token(db) != token
+
+
+@pytest.fixture(scope="module")
+def own_mongod() -> Iterator[devmongo.DevMongo]:
+    """A server of this module's own, stopped and restarted by the test."""
+    with devmongo.running() as server:
+        yield server
+
+
+@pytest.fixture
+async def fragile_db(own_mongod: devmongo.DevMongo) -> AsyncIterator[AsyncDatabase[Doc]]:
+    client: AsyncMongoClient[Doc] = AsyncMongoClient(
+        own_mongod.uri, serverSelectionTimeoutMS=300, connectTimeoutMS=300
+    )
+    try:
+        yield client["fragile"]
+    finally:
+        await client.close()
+
+
+async def test_the_streams_reconnect_after_mongod_dies(
+    own_mongod: devmongo.DevMongo, fragile_db: AsyncDatabase[Doc]
+) -> None:
+    before, after = f.message(GENERAL, ALICE, "before"), f.message(GENERAL, ALICE, "after")
+    recorder = Recorder()
+    with capture_logs() as logs:
+        async with running(fragile_db, recorder) as sources:
+            await fragile_db[MESSAGES].insert_one(before)
+            await wait_until(lambda: recorder.messages == [before["_id"]])
+            own_mongod.kill()
+            await wait_until(lambda: not sources.ready)
+            await wait_until(
+                lambda: any(line["event"] == "change_stream_reconnecting" for line in logs)
+            )
+            await anyio.to_thread.run_sync(own_mongod.restart)
+            await wait_until(lambda: sources.ready, within=60)
+            await fragile_db[MESSAGES].insert_one(after)
+            await wait_until(lambda: after["_id"] in recorder.messages, within=30)
+    assert recorder.messages == [before["_id"], after["_id"]]
+    assert sample("streamer_mongo_reconnects_total", "messages") >= 1
