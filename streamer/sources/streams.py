@@ -78,7 +78,10 @@ RESUMABLE_CODES = frozenset(
     {6, 7, 43, 89, 91, 133, 150, 189, 234, 262, 9001, 10107, 11600, 11602, 13435, 13436}
 )
 CHANGE_EVENT_FIELDS = ("operationType", "clusterTime", "wallTime", "documentKey")
-_UPDATED_UNREAD = "updateDescription.updatedFields.unread"
+#: A read zeroes `unread`; the per-message `$inc` of it is filtered out.
+UNREAD_ZEROED = {"updateDescription.updatedFields.unread": 0}
+#: Seconds to close a stream's server cursor at shutdown before giving up on it.
+CLOSE_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,9 +154,7 @@ class Sources:
             Stream(
                 "subscriptions",
                 SUBSCRIPTIONS,
-                _updates_of(
-                    SUBSCRIPTION_FIELDS, also={"updateDescription.updatedFields.unread": 0}
-                ),
+                _updates_of(SUBSCRIPTION_FIELDS, also=UNREAD_ZEROED),
                 "updateLookup",
                 self._subscriptions,
             ),
@@ -332,7 +333,7 @@ async def next_batch(changes: AsyncChangeStream[Doc]) -> list[Change]:
 
 async def _close(changes: AsyncChangeStream[Doc]) -> None:
     """Close even while being cancelled, so the server-side cursor is not left behind."""
-    with anyio.move_on_after(5, shield=True):
+    with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
         with contextlib.suppress(PyMongoError):
             await changes.close()
 
