@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 import anyio
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
 from streamer.config import Config, override_settings
@@ -23,6 +25,7 @@ from streamer.directory import DatabaseDirectory, Directory
 from streamer.model import Message, Room, Settings, User
 from streamer.queue.policy import due_at
 from streamer.rules import Decision, Reason
+from streamer.sources.cache import AWAY_PREFIX
 
 Doc = dict[str, Any]
 #: Seconds to wait for MongoDB before giving up, unless the URI says otherwise.
@@ -52,8 +55,11 @@ async def _explain_live(config: Config, message_id: str, user: str | None, out: 
     options: Doc = {} if uri_sets_timeout else {"serverSelectionTimeoutMS": MONGO_TIMEOUT_MS}
     client: AsyncMongoClient[Doc] = AsyncMongoClient(config.mongo.uri, **options)
     try:
-        directory = DatabaseDirectory(client[config.mongo.database])
-        await explain(directory, message_id, config, out, user=user, now=time.time())
+        db = client[config.mongo.database]
+        away = await _away_since(db[config.mongo.state_collection])
+        await explain(
+            DatabaseDirectory(db), message_id, config, out, user=user, now=time.time(), away=away
+        )
     finally:
         await client.close()
 
@@ -66,9 +72,12 @@ async def explain(
     *,
     user: str | None = None,
     now: float,
+    away: Mapping[str, float] | None = None,
 ) -> None:
     """Print the decision for every recipient of `message_id`, or only `user` (name or id).
 
+    `away`: when each away user turned away, as the daemon recorded it; a user
+    missing from it counts as away since their document last changed (SPEC §5).
     Raises `ExplainError` when the message, its room or the user cannot be found.
     """
     message = await directory.message(message_id)
@@ -85,7 +94,8 @@ async def explain(
     decisions = _chosen(result.decisions, users, user, message.rid)
     out.write("decided as at the message's insert, with preferences, presence and devices as now\n")
     for decision in decisions:
-        out.write(_recipient(decision, users.get(decision.uid), settings, config, now))
+        since = (away or {}).get(decision.uid)
+        out.write(_recipient(decision, users.get(decision.uid), settings, config, now, since))
 
 
 def _chosen(
@@ -112,8 +122,23 @@ def _headline(message: Message, room: Room | None) -> str:
     return f"message {message.id} in {where}{thread} from {sender} at {at}\n"
 
 
+async def _away_since(state: AsyncCollection[Doc]) -> dict[str, float]:
+    """The "away since" instants the daemon persisted (see `sources.cache`)."""
+    cursor = state.find({"_id": {"$regex": f"^{AWAY_PREFIX}"}})
+    return {
+        doc["_id"][len(AWAY_PREFIX) :]: float(doc["since"])
+        async for doc in cursor
+        if isinstance(doc.get("since"), int | float)
+    }
+
+
 def _recipient(
-    decision: Decision, user: User | None, settings: Settings, config: Config, now: float
+    decision: Decision,
+    user: User | None,
+    settings: Settings,
+    config: Config,
+    now: float,
+    away_since: float | None,
 ) -> str:
     name = f"{user.username} ({decision.uid})" if user and user.username else decision.uid
     lines = [
@@ -122,7 +147,7 @@ def _recipient(
         f"  email: {_verdict(decision.email, decision.email_reason)}\n",
     ]
     if decision.push or decision.email:
-        lines.append(f"  queue: {_timing(decision, user, settings, config, now)}\n")
+        lines.append(f"  queue: {_timing(decision, user, settings, config, now, away_since)}\n")
     return "".join(lines)
 
 
@@ -135,10 +160,16 @@ def _because(reason: Reason) -> str:
 
 
 def _timing(
-    decision: Decision, user: User | None, settings: Settings, config: Config, now: float
+    decision: Decision,
+    user: User | None,
+    settings: Settings,
+    config: Config,
+    now: float,
+    away_since: float | None,
 ) -> str:
     """When the queue would send it were the message posted now (SPEC §5)."""
-    away_since = user.updated_at if user is not None else None
+    if away_since is None and user is not None:
+        away_since = user.updated_at
     due = due_at(decision.status, now, config.queue, away_since, settings.always_notify_mobile)
     delay = max(0.0, due - now)
     when = "sent at once" if delay < 1 else f"sent after {delay:.0f} s unless read first"

@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
+from pymongo import AsyncMongoClient, MongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from streamer.config import Config, QueueConfig
@@ -47,12 +48,19 @@ async def seed_general(db: AsyncDatabase[Doc]) -> Doc:
 
 
 async def run_explain(
-    db: AsyncDatabase[Doc], mid: str, user: str | None = None, config: Config | None = None
+    db: AsyncDatabase[Doc],
+    mid: str,
+    user: str | None = None,
+    config: Config | None = None,
+    away: dict[str, float] | None = None,
 ) -> str:
+    """Explain as if 5 s after the message; `away` maps uid to seconds away by then."""
     out = io.StringIO()
     message = await db[MESSAGES].find_one({"_id": mid})
     now = message["ts"].timestamp() + 5 if message else 0.0
-    await explain(DatabaseDirectory(db), mid, config or Config(), out, user=user, now=now)
+    since = {uid: now - seconds for uid, seconds in (away or {}).items()}
+    directory = DatabaseDirectory(db)
+    await explain(directory, mid, config or Config(), out, user=user, now=now, away=since)
     return out.getvalue()
 
 
@@ -91,6 +99,20 @@ async def test_queue_timing_follows_presence_and_always_notify(db: AsyncDatabase
 
 
 @pytest.mark.anyio
+async def test_away_user_waits_less_the_longer_they_have_been_away(
+    db: AsyncDatabase[Doc],
+) -> None:
+    message = await seed_general(db)
+    await db[PUSH_TOKENS].insert_one(f.push_token(DAVE))
+    assert "sent after 30 s unless read first (the user is away)" in await run_explain(
+        db, message["_id"], user="dave", away={"u-dave": 90.0}
+    )
+    assert "sent at once (the user is away)" in await run_explain(
+        db, message["_id"], user="dave", away={"u-dave": 600.0}
+    )
+
+
+@pytest.mark.anyio
 async def test_skipped_message_says_why_nobody_is_notified(db: AsyncDatabase[Doc]) -> None:
     await seed_general(db)
     joined = f.message(f.room("GENERAL"), CAROL, "", t="uj")
@@ -110,8 +132,6 @@ async def test_unknown_message_or_member_is_a_clear_error(db: AsyncDatabase[Doc]
 
 def test_explain_command_prints_and_exits(mongo_uri: str, db_name: str) -> None:
     async def seed() -> Doc:
-        from pymongo import AsyncMongoClient
-
         client: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_uri)
         try:
             return await seed_general(client[db_name])
@@ -119,6 +139,10 @@ def test_explain_command_prints_and_exits(mongo_uri: str, db_name: str) -> None:
             await client.close()
 
     message = anyio.run(seed)
+    with MongoClient(mongo_uri) as client:  # Dave has a phone and has been away for long
+        client[db_name][PUSH_TOKENS].insert_one(f.push_token(DAVE))
+        away = {"_id": "away:u-dave", "since": message["ts"].timestamp() - 3600}
+        client[db_name][Config().mongo.state_collection].insert_one(away)
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMER_")}
     env.update(
         PYTHONPATH=str(Path(__file__).parent.parent),
@@ -133,6 +157,8 @@ def test_explain_command_prints_and_exits(mongo_uri: str, db_name: str) -> None:
     found = command(message["_id"], "--user", "bob")
     assert found.returncode == 0, found.stderr
     assert "push:  yes, the user is mentioned by name" in found.stdout
+    dave = command(message["_id"], "--user", "dave")
+    assert "queue: sent at once (the user is away)" in dave.stdout, dave.stderr
     missing = command("no-such-message")
     assert missing.returncode == 1
     assert "streamer explain: message 'no-such-message' not found" in missing.stderr
