@@ -53,6 +53,14 @@ async def decide_message(
         log.error("decision_failed", mid=message.id, rid=message.rid, error=repr(exc))
         result = MessageDecisions(Reason.MALFORMED_DOCUMENT)
     _count(result)
+    log.debug(
+        "message_decided",
+        mid=message.id,
+        rid=message.rid,
+        reason=None if result.skipped is None else result.skipped.code,
+        pushes=sum(d.push for d in result.decisions),
+        emails=sum(d.email for d in result.decisions),
+    )
     return result
 
 
