@@ -117,7 +117,8 @@ async def recheck(
 
     The message-age check and presence delays are not applied (the entry was
     due, and the message is older by now); neither is the room-size limit,
-    which belongs to the moment the message was sent.
+    which belongs to the moment the message was sent. So no rule applied here
+    depends on `now`; it is taken so callers pass time the same way everywhere.
     """
     try:
         return await _recheck(directory, uid, mid, kind, settings, config)
