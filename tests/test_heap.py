@@ -39,6 +39,13 @@ def test_nothing_comes_out_before_it_is_due() -> None:
     assert drain(schedule, now=10) == ["a"]
 
 
+def test_an_entry_is_due_within_its_second() -> None:
+    schedule = Schedule()
+    schedule.put(slot("a", due_at=-0.5))
+    schedule.put(slot("b", due_at=10.25))
+    assert [s.key for s in (schedule.pop_due(-0.25), schedule.pop_due(10.5)) if s] == ["a", "b"]
+
+
 def test_putting_a_key_again_moves_it() -> None:
     schedule = Schedule([slot("a", due_at=10), slot("b", due_at=20)])
     schedule.put(slot("a", due_at=30))
@@ -75,25 +82,28 @@ def test_dead_slots_are_compacted_away() -> None:
     for i in range(4990):
         schedule.remove(f"u{i}", f"k{i}")
     assert len(schedule) == 10
-    assert len(schedule._heap) < 5000
+    assert sum(len(bucket) for bucket in schedule._buckets.values()) < 5000
     assert drain(schedule) == [f"k{i}" for i in range(4990, 5000)]
 
+
+#: Quarter seconds either side of zero: several slots per whole second, and floors below 0.
+times = st.integers(-40, 40).map(lambda quarters: quarters / 4)
 
 operations = st.lists(
     st.one_of(
         st.tuples(
             st.just("put"),
             st.integers(0, 30),  # key number
-            st.integers(0, 20),  # due_at
-            st.integers(0, 20),  # created_at
+            times,  # due_at
+            times,  # created_at
             st.sampled_from(USERS),
             st.sampled_from(ROOMS),
         ),
         st.tuples(st.just("remove_user"), st.sampled_from(USERS)),
         st.tuples(st.just("remove_room"), st.sampled_from(USERS), st.sampled_from(ROOMS)),
         st.tuples(st.just("remove"), st.integers(0, 30)),
-        st.tuples(st.just("bring_forward"), st.sampled_from(USERS), st.integers(0, 20)),
-        st.tuples(st.just("pop"), st.integers(0, 20)),
+        st.tuples(st.just("bring_forward"), st.sampled_from(USERS), times),
+        st.tuples(st.just("pop"), times),
     ),
     max_size=80,
 )

@@ -5,10 +5,15 @@ the documented rules need — the rest of an entry lives in the side collection
 and comes back when the entry is leased — so a million entries fit in a few
 hundred megabytes.
 
-Removal is lazy: a removed or rescheduled entry's old slot stays in the heap and
+The heap is split by the whole second an entry is due: a small heap of seconds,
+and one heap per second. Due times cluster (now, now + 120 s, a retry's back-off),
+so each per-second heap is shallow and its slots sit close together in memory;
+popping costs about half what one heap of a million entries does.
+
+Removal is lazy: a removed or rescheduled entry's old slot stays where it is and
 is skipped when it reaches the top (its user's index no longer points to that
 very slot). Reading a room therefore costs O(entries of that user), never a scan
-of the heap; the heap is rebuilt when dead slots outnumber live ones.
+of the heap; the heaps are rebuilt when dead slots outnumber live ones.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterable
 from heapq import heapify, heappop, heappush
+from math import floor
 from typing import NamedTuple
 
 
@@ -39,10 +45,14 @@ _COMPACT_SLACK = 1024
 class Schedule:
     """Entries by due time, indexed by user so a read or a presence change is cheap."""
 
-    __slots__ = ("_dead", "_heap", "_live", "_users")
+    __slots__ = ("_buckets", "_dead", "_live", "_seconds", "_users")
 
     def __init__(self, slots: Iterable[Slot] = ()) -> None:
-        self._heap: list[Slot] = []
+        #: Per whole second of due time, a heap of the slots due in it.
+        self._buckets: dict[int, list[Slot]] = {}
+        #: A heap of the seconds that have a bucket.
+        self._seconds: list[int] = []
+        #: The live slot of every entry, by user then entry id.
         self._users: dict[str, dict[str, Slot]] = {}
         self._live = 0
         self._dead = 0
@@ -60,7 +70,12 @@ class Schedule:
     def put(self, slot: Slot) -> None:
         """Add an entry, or move it to the slot's time if it is already scheduled."""
         self._index(slot)
-        heappush(self._heap, slot)
+        second = floor(slot.due_at)
+        bucket = self._buckets.get(second)
+        if bucket is None:
+            self._buckets[second] = bucket = []
+            heappush(self._seconds, second)
+        heappush(bucket, slot)
 
     def _index(self, slot: Slot) -> None:
         _, _, key, uid, _, _ = slot
@@ -102,8 +117,16 @@ class Schedule:
             self._compact()
 
     def _compact(self) -> None:
-        self._heap = [s for entries in self._users.values() for s in entries.values()]
-        heapify(self._heap)
+        """Rebuild the heaps from the live slots alone."""
+        buckets: dict[int, list[Slot]] = {}
+        for entries in self._users.values():
+            for slot in entries.values():
+                buckets.setdefault(floor(slot.due_at), []).append(slot)
+        for bucket in buckets.values():
+            heapify(bucket)
+        self._buckets = buckets
+        self._seconds = list(buckets)
+        heapify(self._seconds)
         self._dead = 0
 
     def later(self, uid: str, due_at: float) -> list[Slot]:
@@ -120,34 +143,38 @@ class Schedule:
 
     def first(self) -> Slot | None:
         """The earliest live entry, left in place."""
-        heap = self._heap
-        users = self._users
-        while heap:
-            head = heap[0]
-            entries = users.get(head.uid)
-            if entries is not None and entries.get(head.key) is head:
-                return head
-            heappop(heap)
-            self._dead -= 1
-        return None
+        return self._head(None)
 
     def pop_due(self, now: float) -> Slot | None:
         """Take out the earliest entry if it is due at `now`."""
-        heap = self._heap
-        users = self._users
-        while heap:
-            head = heap[0]
-            due_at, _, key, uid, _, _ = head
-            if due_at > now:
+        head = self._head(now)
+        if head is None or head.due_at > now:
+            return None
+        heappop(self._buckets[self._seconds[0]])
+        entries = self._users[head.uid]
+        del entries[head.key]
+        if not entries:
+            del self._users[head.uid]
+        self._live -= 1
+        return head
+
+    def _head(self, now: float | None) -> Slot | None:
+        """The earliest live slot, dropping dead ones and empty seconds on the way;
+        stops early (None) once the earliest second starts after `now`."""
+        seconds, buckets, users = self._seconds, self._buckets, self._users
+        while seconds:
+            if now is not None and seconds[0] > now:
                 return None
-            heappop(heap)
+            bucket = buckets[seconds[0]]
+            if not bucket:
+                del buckets[heappop(seconds)]
+                continue
+            head = bucket[0]
+            _, _, key, uid, _, _ = head
             entries = users.get(uid)
             if entries is not None and entries.get(key) is head:
-                del entries[key]
-                if not entries:
-                    del users[uid]
-                self._live -= 1
                 return head
+            heappop(bucket)
             self._dead -= 1
         return None
 

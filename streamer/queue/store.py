@@ -10,6 +10,7 @@ worst outcome is a wasted lookup.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from math import isfinite
 from typing import Any
 
 from bson import Timestamp
@@ -118,7 +119,7 @@ def _text(doc: Mapping[str, Any], name: str) -> str:
 
 def _time(doc: Mapping[str, Any], name: str) -> float:
     value = doc.get(name)
-    if not isinstance(value, int | float) or isinstance(value, bool):
+    if not isinstance(value, int | float) or isinstance(value, bool) or not isfinite(value):
         raise MalformedDocument(QUEUE, doc["_id"], f"{name} is not epoch seconds")
     return float(value)
 
