@@ -142,29 +142,9 @@ class Schedule:
         return len(moved)
 
     def first(self) -> Slot | None:
-        """The earliest live entry, left in place."""
-        return self._head(None)
-
-    def pop_due(self, now: float) -> Slot | None:
-        """Take out the earliest entry if it is due at `now`."""
-        head = self._head(now)
-        if head is None or head.due_at > now:
-            return None
-        heappop(self._buckets[self._seconds[0]])
-        entries = self._users[head.uid]
-        del entries[head.key]
-        if not entries:
-            del self._users[head.uid]
-        self._live -= 1
-        return head
-
-    def _head(self, now: float | None) -> Slot | None:
-        """The earliest live slot, dropping dead ones and empty seconds on the way;
-        stops early (None) once the earliest second starts after `now`."""
+        """The earliest live entry, left in place (dead slots on top are dropped)."""
         seconds, buckets, users = self._seconds, self._buckets, self._users
         while seconds:
-            if now is not None and seconds[0] > now:
-                return None
             bucket = buckets[seconds[0]]
             if not bucket:
                 del buckets[heappop(seconds)]
@@ -177,6 +157,19 @@ class Schedule:
             heappop(bucket)
             self._dead -= 1
         return None
+
+    def pop_due(self, now: float) -> Slot | None:
+        """Take out the earliest entry if it is due at `now`."""
+        head = self.first()
+        if head is None or head.due_at > now:
+            return None
+        heappop(self._buckets[self._seconds[0]])
+        entries = self._users[head.uid]
+        del entries[head.key]
+        if not entries:
+            del self._users[head.uid]
+        self._live -= 1
+        return head
 
 
 def make_slot(
