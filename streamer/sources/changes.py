@@ -95,16 +95,11 @@ def _subscription_updated(
         if subscription is not None
         else directory.subscription_owner(subscription_id)
     )
-    previous = directory.previous_tunread(subscription_id)
-    tunread = tunread_after(previous, description)
+    previous, tunread = _follow_tunread(directory, subscription_id, description, subscription)
     if subscription is not None:
         if tunread is not None:
             subscription = dataclasses.replace(subscription, tunread=tunread)
         directory.subscription_changed(subscription)
-    if tunread is None and subscription is not None and previous is None:
-        tunread = subscription.tunread
-    if tunread is not None:
-        directory.remember_tunread(subscription_id, tunread)
     if owner is None:
         log.debug("read_of_unknown_subscription", subscription_id=subscription_id)
         return []
@@ -115,6 +110,26 @@ def _subscription_updated(
     if previous is not None and tunread is not None:
         reads.extend(ThreadRead(uid, rid, tmid) for tmid in previous if tmid not in tunread)
     return reads
+
+
+def _follow_tunread(
+    directory: CachedDirectory,
+    subscription_id: str,
+    description: Mapping[str, Any],
+    current: Subscription | None,
+) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+    """`tunread` before and after this update, where known; the cache learns the latter.
+
+    With no previous value, the looked-up document's `tunread` is the best start
+    for the next comparison.
+    """
+    previous = directory.previous_tunread(subscription_id)
+    after = tunread_after(previous, description)
+    if after is not None:
+        directory.remember_tunread(subscription_id, after)
+    elif previous is None and current is not None:
+        directory.remember_tunread(subscription_id, current.tunread)
+    return previous, after
 
 
 def tunread_after(

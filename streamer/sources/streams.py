@@ -232,7 +232,7 @@ class Sources:
         except PyMongoError as exc:
             if not delivered or not is_transient(exc):
                 raise
-            log.warning("change_stream_interrupted", stream=stream.name, error=repr(exc))
+            log.warning("change_stream_interrupted", stream=stream.name, error=describe(exc))
             metrics.RECONNECTS.labels(stream.name).inc()
         finally:
             self._open.discard(stream.name)
@@ -251,7 +251,10 @@ class Sources:
         token = changes.resume_token
         quiet_for = time.time() - self._tokens.saved_at(stream.name)
         if token is not None and (batch or quiet_for >= self._tuning.idle_save_interval):
-            await self._tokens.save(stream.name, token)
+            # Shielded: a batch that was handled must not be handled again because
+            # shutdown arrived during the save (pymongo's own timeouts bound it).
+            with anyio.CancelScope(shield=True):
+                await self._tokens.save(stream.name, token)
 
     async def _open_stream(
         self, stream: Stream, token: Mapping[str, Any] | None
@@ -302,7 +305,7 @@ class Sources:
             skipped_to=time.time(),
             skipped_seconds=None if since is None else round(time.time() - since, 3),
             code=exc.code,
-            error=str(exc),
+            error=describe(exc),
             consequence="changes between these times were not processed",
         )
         metrics.HISTORY_LOST.labels(stream.name).inc()
@@ -338,12 +341,18 @@ async def _close(changes: AsyncChangeStream[Doc]) -> None:
             await changes.close()
 
 
+def describe(exc: BaseException | None) -> str:
+    """One readable line: pymongo's messages carry whole topology descriptions."""
+    text = "" if exc is None else f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 300 else f"{text[:297]}..."
+
+
 def _log_reconnect(stream: str, state: RetryCallState) -> None:
     error = state.outcome.exception() if state.outcome else None
     wait = state.next_action.sleep if state.next_action else None
     log.warning(
         "change_stream_reconnecting", stream=stream, attempt=state.attempt_number,
-        wait_seconds=wait, error=repr(error),
+        wait_seconds=wait, error=describe(error),
     )  # fmt: skip
     metrics.RECONNECTS.labels(stream).inc()
 
