@@ -16,6 +16,7 @@ from streamer.config import Config
 from streamer.directory import DatabaseDirectory
 from streamer.model import MESSAGES, PUSH_TOKENS, SETTINGS, SUBSCRIPTIONS, USERS
 from streamer.sources.cache import CachedDirectory
+from streamer.sources.changes import tunread_after
 from streamer.sources.events import MessageInserted, PresenceChanged, RoomRead, ThreadRead
 from streamer.sources.streams import Sources, StreamTuning
 from tests import factories as f
@@ -299,3 +300,24 @@ async def settle(lookup: Callable[[], Any], done: Callable[[Any], bool]) -> None
         if anyio.current_time() > deadline:
             raise TimeoutError("the cached answer did not change within 15 s")
         await anyio.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    ("description", "after"),
+    [
+        ({"updatedFields": {"tunread": ["t1", 7]}}, ("t1",)),
+        ({"updatedFields": {}, "removedFields": ["tunread"]}, ()),
+        ({"updatedFields": {"tunread.2": "t3"}}, ("t1", "t2", "t3")),
+        ({"updatedFields": {"tunread.0": "t9"}}, ("t9", "t2")),
+        ({"updatedFields": {}, "truncatedArrays": [{"field": "tunread", "newSize": 1}]}, ("t1",)),
+        ({"updatedFields": {"unread": 0}}, None),
+    ],
+)
+def test_tunread_after_each_form_mongodb_reports(
+    description: dict[str, Any], after: tuple[str, ...] | None
+) -> None:
+    assert tunread_after(("t1", "t2"), description) == after
+
+
+def test_tunread_after_an_element_change_is_unknown_without_the_previous_value() -> None:
+    assert tunread_after(None, {"updatedFields": {"tunread.2": "t3"}}) is None

@@ -82,6 +82,16 @@ USER_FIELDS: tuple[str, ...] = (
 )
 
 
+async def load_away_since(state: AsyncCollection[Doc]) -> dict[str, float]:
+    """Every persisted "away since" instant, by user id (also for `streamer explain`)."""
+    cursor = state.find({"_id": {"$regex": f"^{AWAY_PREFIX}"}})
+    return {
+        doc["_id"][len(AWAY_PREFIX) :]: float(doc["since"])
+        async for doc in cursor
+        if isinstance(doc.get("since"), int | float)
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class CacheLimits:
     """Upper bounds on what the caches hold; beyond them, lookups query MongoDB."""
@@ -141,11 +151,7 @@ class CachedDirectory:
                 async for doc in self._db[SETTINGS].find({"_id": {"$in": sorted(SETTING_IDS)}})
             }
         )
-        self._away = {
-            doc["_id"][len(AWAY_PREFIX) :]: float(doc["since"])
-            async for doc in self._state.find({"_id": {"$regex": f"^{AWAY_PREFIX}"}})
-            if isinstance(doc.get("since"), int | float)
-        }
+        self._away = await load_away_since(self._state)
         await self._load_present_users()
         await self._load_tunreads()
         log.info(
