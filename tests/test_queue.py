@@ -344,6 +344,18 @@ async def test_a_live_lease_is_respected(make_queue: QueueFactory, clock: Clock)
     assert len(second) == 0
 
 
+async def test_a_released_entry_can_be_taken_at_once_by_any_instance(
+    make_queue: QueueFactory, clock: Clock
+) -> None:
+    stopping = await make_queue(instance_id="stopping")
+    await stopping.add([entry(clock)])
+    interrupted = await take(stopping)
+    await stopping.release(interrupted)
+    other = await make_queue(instance_id="other")
+    assert other.next_due_at() == stopping.next_due_at() == interrupted.due_at
+    assert await take(other) == interrupted
+
+
 async def test_two_instances_never_deliver_an_entry_twice(
     make_queue: QueueFactory, clock: Clock
 ) -> None:

@@ -7,8 +7,10 @@ entry) costs one lookup and never a duplicate or a lost notification.
 
 The app's order: `load()`, then `tg.start(queue.follow)` when several instances
 share the collection; `add()` once per change-stream batch before saving the
-resume token; a consumer loops on `next_due()` and settles each entry with
-`done()`, `retry()` or `drop()`.
+resume token; consumers loop on `next_due()` and settle each entry with
+`done()`, `retry()`, `drop()` or, when interrupted, `release()`. `next_due()` is
+safe to await from several tasks at once, and should be: each call waits for a
+lease write and the recheck.
 """
 
 from __future__ import annotations
@@ -208,8 +210,7 @@ class Queue:
         self._schedule.bring_forward(entry.uid, entry.due_at)
         if not moved:
             return False
-        await self._store.release(entry.id)
-        self._give_back(entry_slot(entry))
+        await self.release(entry)
         return True
 
     async def done(self, entry: Entry) -> None:
@@ -241,6 +242,16 @@ class Queue:
                 uid=entry.uid, rid=entry.rid, mid=entry.mid,
                 why="entry was cleared by a read or taken over by another instance",
             )  # fmt: skip
+        self._changed_now()
+
+    async def release(self, entry: Entry) -> None:
+        """Give the entry back untouched (its delivery was interrupted, say by shutdown):
+        it stays due, and any instance may take it at once instead of after the lease."""
+        try:
+            await self._store.release(entry.id)
+        finally:
+            self._held.discard(entry.id)
+        self._schedule.put(entry_slot(entry))
         self._changed_now()
 
     async def drop(self, entry: Entry, reason: str) -> None:
