@@ -397,7 +397,7 @@ async def test_follow_sees_what_another_instance_adds_and_clears(
         tg.cancel_scope.cancel()
 
 
-async def test_an_interrupted_next_due_leaves_the_entry_queued(
+async def test_an_interrupted_next_due_leaves_the_entry_free_to_take(
     make_queue: QueueFactory, clock: Clock
 ) -> None:
     started = anyio.Event()
@@ -416,7 +416,9 @@ async def test_an_interrupted_next_due_leaves_the_entry_queued(
         with anyio.fail_after(30):
             await started.wait()
         tg.cancel_scope.cancel()
-    assert (await take(queue)).mid == queued.mid
+    other = await make_queue(instance_id="other")
+    assert other.next_due_at() == queued.due_at
+    assert (await take(other)).mid == queued.mid
 
 
 async def test_a_malformed_queue_document_is_skipped(

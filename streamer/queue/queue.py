@@ -142,6 +142,8 @@ class Queue:
                 continue
             except BaseException:
                 self._give_back(slot)
+                with anyio.move_on_after(RECONNECT_DELAY, shield=True):
+                    await self._store.release(slot.key)  # if the lease was taken
                 raise
             if entry is not None:
                 return entry
