@@ -1,21 +1,68 @@
-"""The daemon's life: start-up, the task group wiring the stages, and drain."""
+"""The daemon's life: start-up, the task group wiring the stages, and drain.
+
+    change streams ──▶ Ingest (rules) ──▶ Queue (heap + side collection) ──▶ Courier ──▶ providers
+
+Each arrow is bounded: a stream reads its next batch only after the previous
+one is decided and durably queued, and the courier takes an entry only when a
+delivery slot is free, so a slow gateway slows intake instead of growing memory.
+
+Shutdown is one event (injectable, so tests stop the daemon deterministically):
+set by SIGTERM/SIGINT, it stops the streams (their tokens were saved after the
+last queued batch), lets deliveries in flight finish within `[app]
+shutdown_grace`, hands unfinished entries back to the queue, and returns 0. A
+second signal cancels everything at once.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import signal
-from contextlib import ExitStack
+import socket
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from contextlib import ExitStack, asynccontextmanager
+from typing import Any
 
 import anyio
+import httpx
 import structlog
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
 from streamer import devmongo
-from streamer.config import Config, redact_uri
+from streamer.config import Config, ConfigError, redact_uri
+from streamer.courier import Courier
+from streamer.delivery.apns import ApnsPushkin
+from streamer.delivery.base import Pushkin
+from streamer.delivery.fcm import FcmPushkin
+from streamer.delivery.gateway import GatewayPushkin, WorkspaceToken
+from streamer.delivery.http import InFlightCap, make_http_client
+from streamer.delivery.ledger import SentLedger
+from streamer.delivery.sender import PushSender
+from streamer.directory import DatabaseDirectory
+from streamer.health import Health, serve_http
+from streamer.ingest import Ingest
+from streamer.model import Settings, TokenKind
+from streamer.queue import Queue
+from streamer.sources.cache import CachedDirectory
+from streamer.sources.streams import Sources
 
 log = structlog.get_logger("streamer.app")
+Doc = dict[str, object]
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+HEALTH_INTERVAL = 1.0
+STARTUP_TIMEOUT_MS = 10_000
+
+
+class StartupError(Exception):
+    """The daemon cannot start; carries the log event and its fields."""
+
+    def __init__(self, event: str, **fields: str) -> None:
+        super().__init__(event)
+        self.event = event
+        self.fields = fields
 
 
 def main(config: Config, dev_mongo: bool = False) -> int:
@@ -26,24 +73,201 @@ def main(config: Config, dev_mongo: bool = False) -> int:
             config = dataclasses.replace(
                 config, mongo=dataclasses.replace(config.mongo, uri=server.uri)
             )
-        return anyio.run(run, config)
-
-
-async def run(config: Config) -> int:
-    """0 after a requested shutdown; 1 when MongoDB refuses us at start-up."""
-    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(config.mongo.uri)
-    try:
         try:
-            await client.admin.command("ping")
-        except PyMongoError as exc:
-            # Wrong credentials or CA will not fix themselves: one clear line, no traceback.
-            log.error("mongo_unreachable", uri=redact_uri(config.mongo.uri), error=str(exc))
-            return 1
-        log.info("mongo_connected", uri=redact_uri(config.mongo.uri))
+            return anyio.run(run, config)
+        except (StartupError, ConfigError, BaseExceptionGroup) as exc:
+            return _startup_failed(exc)
+
+
+def _startup_failed(exc: BaseException) -> int:
+    """One clear line and the exit code for what stopped the daemon from starting."""
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return _startup_failed(exc.exceptions[0])
+    if isinstance(exc, StartupError):
+        log.error(exc.event, **exc.fields)
+        return EXIT_FAILURE
+    if isinstance(exc, ConfigError):
+        log.error("configuration_error", error=str(exc))
+        return EXIT_USAGE
+    raise exc
+
+
+async def run(config: Config, shutdown: anyio.Event | None = None) -> int:
+    """Run until `shutdown` is set (or a signal sets it); returns the exit code."""
+    shutdown = shutdown or anyio.Event()
+    async with _connected(config) as client:
+        daemon = Daemon(config, client[config.mongo.database])
+        async with daemon.resources(), anyio.create_task_group() as tg:
+            tg.start_soon(daemon.watch_signals, shutdown, tg.cancel_scope)
+            await daemon.run(shutdown)
+            tg.cancel_scope.cancel()
+    if daemon.forced:
+        return EXIT_FAILURE
+    log.info("stopped")
+    return EXIT_OK
+
+
+class Daemon:
+    """Builds the stages from the config and runs them in one task group."""
+
+    def __init__(self, config: Config, db: AsyncDatabase[Doc]) -> None:
+        self.config = config
+        self.db = db
+        self.instance_id = config.app.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.forced = False
+        self.health = Health()
+        self.directory = CachedDirectory(
+            db, db[config.mongo.state_collection], fallback=DatabaseDirectory(db)
+        )
+
+    @asynccontextmanager
+    async def resources(self) -> AsyncIterator[None]:
+        """Load what must be loaded before the first event, and close it all after."""
+        config = self.config
+        await self.directory.load()
+        self.queue = Queue(
+            self.db[config.mongo.queue_collection],
+            config.queue,
+            instance_id=self.instance_id,
+            recheck=lambda entry: self.ingest.recheck(entry),
+        )
+        await self.queue.load()
+        self.ingest = Ingest(self.directory, self.queue, config)
+        await self.ingest.settings()
+        async with make_http_client(config.delivery) as client:
+            ledger = SentLedger(self.db)
+            await ledger.ensure_indexes()
+            pushkins = self._pushkins(client)
+            self.sender = PushSender(
+                pushkins,
+                self.db,
+                config.delivery,
+                cap=InFlightCap(config.delivery.concurrency),
+                ledger=ledger,
+            )
+            self.courier = Courier(self.directory, self.queue, self.sender, self.ingest, config)
+            try:
+                yield
+            finally:
+                for pushkin in set(pushkins.values()):
+                    await pushkin.aclose()
+
+    def _pushkins(self, client: httpx.AsyncClient) -> Mapping[TokenKind, Pushkin]:
+        if self.config.delivery.mode == "direct":
+            return direct_pushkins(self.config, client, self.ingest.latest_settings)
+        gateway = GatewayPushkin(
+            client, lambda: self.ingest.latest_settings.push_gateways, WorkspaceToken(self.db)
+        )
+        return {"apn": gateway, "gcm": gateway}
+
+    async def run(self, shutdown: anyio.Event) -> None:
+        sources = Sources(
+            self.db,
+            self.config,
+            self.directory,
+            on_messages=self.ingest.on_messages,
+            on_reads=self.ingest.on_reads,
+            on_presence=self.ingest.on_presence,
+        )
+        http_stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            await tg.start(
+                functools.partial(
+                    serve_http, self.health, self.config.http.listen, shutdown=http_stop
+                )
+            )
+            tg.start_soon(_run_until, shutdown, sources.run)
+            tg.start_soon(self._watch_health, sources)
+            await tg.start(self.queue.follow)
+            log.info("started", instance_id=self.instance_id)
+            await self.courier.run(shutdown)
+            http_stop.set()
+            tg.cancel_scope.cancel()
+
+    async def watch_signals(self, shutdown: anyio.Event, everything: anyio.CancelScope) -> None:
+        """The first SIGTERM/SIGINT drains; a second one cancels everything at once."""
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
-                log.info("shutdown_requested", signal=signal.Signals(signum).name)
-                return 0
-        return 0
+                name = signal.Signals(signum).name
+                if shutdown.is_set():
+                    log.warning("shutdown_forced", signal=name)
+                    self.forced = True
+                    everything.cancel()
+                    return
+                log.info("shutdown_requested", signal=name)
+                shutdown.set()
+
+    async def _watch_health(self, sources: Sources) -> None:
+        while True:
+            await self._check_mongo()
+            _set(self.health, "streams", sources.ready, "change streams are not all open")
+            _set(self.health, "delivery", self.sender.healthy, "provider credentials rejected")
+            await anyio.sleep(HEALTH_INTERVAL)
+
+    async def _check_mongo(self) -> None:
+        try:
+            with anyio.fail_after(HEALTH_INTERVAL * 2):
+                await self.db.client.admin.command("ping")
+        except (PyMongoError, TimeoutError) as exc:
+            self.health.set_failed("mongo", f"MongoDB unreachable: {type(exc).__name__}")
+        else:
+            self.health.set_ready("mongo")
+
+
+def direct_pushkins(
+    config: Config, client: httpx.AsyncClient, settings: Settings
+) -> dict[TokenKind, Pushkin]:
+    """White-labelled apps: FCM and/or APNs with the operator's own keys.
+
+    APNs gets its own HTTP/2 client (the shared one's aiohttp transport speaks
+    HTTP/1.1 only); a platform without credentials gets no pushkin, and its
+    devices' pushes are rejected with a log line.
+    """
+    pushkins: dict[TokenKind, Pushkin] = {}
+    if config.fcm.service_account_file:
+        pushkins["gcm"] = FcmPushkin(config.fcm, client=client)
+    if config.apns.key_file:
+        pushkins["apn"] = ApnsPushkin(
+            config.apns, production=settings.push_production, timeout=config.delivery.timeout
+        )
+    if not pushkins:
+        raise ConfigError(
+            '[delivery] mode = "direct" needs [fcm] service_account_file or [apns] key_file'
+        )
+    return pushkins
+
+
+def _set(health: Health, component: str, ok: bool, why: str) -> None:
+    if ok:
+        health.set_ready(component)
+    else:
+        health.set_failed(component, why)
+
+
+async def _run_until(event: anyio.Event, work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run `work` until `event` is set: on shutdown the streams stop reading at once."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(work)
+        await event.wait()
+        tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def _connected(config: Config) -> AsyncIterator[AsyncMongoClient[Doc]]:
+    """Fail fast with one clear line when MongoDB refuses us or cannot be reached at start:
+    wrong credentials or CA will not fix themselves, and a supervisor (systemd, compose)
+    restarts us when the database comes up later. After start-up the streams reconnect."""
+    uri = redact_uri(config.mongo.uri)
+    client: AsyncMongoClient[Doc] = AsyncMongoClient(
+        config.mongo.uri, serverSelectionTimeoutMS=STARTUP_TIMEOUT_MS
+    )
+    try:
+        await client.admin.command("ping")
+    except PyMongoError as exc:
+        await client.close()
+        raise StartupError("mongo_unreachable", uri=uri, error=str(exc)) from None
+    log.info("mongo_connected", uri=uri)
+    try:
+        yield client
     finally:
         await client.close()

@@ -53,15 +53,36 @@ async def decide_message(
         log.error("decision_failed", mid=message.id, rid=message.rid, error=repr(exc))
         result = MessageDecisions(Reason.MALFORMED_DOCUMENT)
     _count(result)
-    log.debug(
+    _log(message, result)
+    return result
+
+
+def _log(message: Message, result: MessageDecisions) -> None:
+    """One info line per message with every reason counted, so "why no push?" is in the
+    logs without a line per member of a 10,000-member room; per-recipient lines are debug."""
+    not_pushed: Counter[str] = Counter()
+    for decision in result.decisions:
+        if not decision.push:
+            not_pushed[decision.push_reason.code] += 1
+        log.debug(
+            "decision",
+            uid=decision.uid,
+            rid=decision.rid,
+            mid=decision.mid,
+            push=decision.push,
+            reason=decision.push_reason.code,
+            email=decision.email,
+            email_reason=decision.email_reason.code,
+        )
+    log.info(
         "message_decided",
         mid=message.id,
         rid=message.rid,
         reason=None if result.skipped is None else result.skipped.code,
         pushes=sum(d.push for d in result.decisions),
         emails=sum(d.email for d in result.decisions),
+        not_pushed=dict(not_pushed),
     )
-    return result
 
 
 async def _decide_message(

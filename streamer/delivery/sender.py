@@ -71,6 +71,45 @@ class _Failure:
     retry_after: float | None = None
 
 
+class RetryPolicy:
+    """When to try a failed notification again, or give up: one policy for push and email."""
+
+    def __init__(self, config: DeliveryConfig, clock: Callable[[], float] = time.time) -> None:
+        self._give_up_after = config.give_up_after
+        self._clock = clock
+        self._backoff = tenacity.wait_exponential_jitter(
+            initial=config.retry_initial, max=config.retry_max, jitter=config.retry_initial
+        )
+
+    def after_failure(
+        self, error: str, retry_after: float | None, attempts: Attempts, **context: str
+    ) -> RetryAt | GivenUp:
+        """Exponential backoff with jitter, never before Retry-After; give up past the limit."""
+        now = self._clock()
+        first_failure_at = attempts.first_failure_at if attempts.first_failure_at else now
+        if now - first_failure_at >= self._give_up_after:
+            metrics.PUSH_GIVEN_UP.inc()
+            log.warning(
+                "push_given_up",
+                attempts=attempts.count + 1,
+                failing_since=first_failure_at,
+                error=error,
+                **context,
+            )
+            return GivenUp(error)
+        following = Attempts(attempts.count + 1, first_failure_at)
+        delay = max(self._wait(following.count), retry_after or 0.0)
+        metrics.PUSH_RETRIES.inc()
+        log.info("push_retry_scheduled", delay=delay, error=error, **context)
+        return RetryAt(now + delay, error, following)
+
+    def _wait(self, attempt_number: int) -> float:
+        """tenacity's exponential-with-jitter wait for the n-th failure."""
+        state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+        state.attempt_number = attempt_number
+        return float(self._backoff(state))
+
+
 class PushSender:
     def __init__(
         self,
@@ -88,9 +127,7 @@ class PushSender:
         self._cap = cap
         self._ledger = ledger
         self._clock = clock
-        self._backoff = tenacity.wait_exponential_jitter(
-            initial=config.retry_initial, max=config.retry_max, jitter=config.retry_initial
-        )
+        self.retries = RetryPolicy(config, clock)
         self._healthy = True
 
     @property
@@ -117,7 +154,11 @@ class PushSender:
             raise group.exceptions[0] from None
         if not failures:
             return Delivered()
-        return self._after_failure(content, failures, attempts)
+        error = "; ".join(sorted({f.error for f in failures}))
+        retry_after = max((f.retry_after or 0.0 for f in failures), default=0.0)
+        return self.retries.after_failure(
+            error, retry_after, attempts, uid=content.uid, mid=content.mid
+        )
 
     async def _push_one(
         self, content: PushContent, device: Device, failures: list[_Failure]
@@ -189,36 +230,6 @@ class PushSender:
         if self._healthy:
             log.error("push_credentials_invalid", provider=provider, error=str(exc))
         self._healthy = False
-
-    def _after_failure(
-        self, content: PushContent, failures: list[_Failure], attempts: Attempts
-    ) -> RetryAt | GivenUp:
-        """Retry with exponential backoff and jitter, never before Retry-After; or give up."""
-        now = self._clock()
-        first_failure_at = attempts.first_failure_at if attempts.first_failure_at else now
-        error = "; ".join(sorted({f.error for f in failures}))
-        if now - first_failure_at >= self._config.give_up_after:
-            metrics.PUSH_GIVEN_UP.inc()
-            log.warning(
-                "push_given_up",
-                uid=content.uid,
-                mid=content.mid,
-                attempts=attempts.count + 1,
-                failing_since=first_failure_at,
-                error=error,
-            )
-            return GivenUp(error)
-        following = Attempts(attempts.count + 1, first_failure_at)
-        delay = max([self._wait(following.count), *(f.retry_after or 0.0 for f in failures)])
-        metrics.PUSH_RETRIES.inc()
-        log.info("push_retry_scheduled", uid=content.uid, mid=content.mid, delay=delay, error=error)
-        return RetryAt(now + delay, error, following)
-
-    def _wait(self, attempt_number: int) -> float:
-        """tenacity's exponential-with-jitter wait for the n-th failure."""
-        state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
-        state.attempt_number = attempt_number
-        return float(self._backoff(state))
 
     def _provider(self, device: Device) -> str:
         """The metric label: "gateway" or, in direct mode, "apns"/"fcm"."""

@@ -1,0 +1,261 @@
+"""The daemon end to end: `streamer run` as a subprocess, the real mongod, a real local gateway.
+
+Each test seeds a small Rocket.Chat world, starts the daemon exactly as an
+operator would (a config file), makes something happen in the database, and
+asserts on what reached the gateway and what the daemon logged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pymongo.database import Database
+
+from tests import factories as f
+from tests.daemon import Daemon, wait_until
+from tests.servers import Reply, StubApp, serve_http
+
+Doc = dict[str, Any]
+GCM = "/push/gcm/send"
+
+
+@pytest.fixture
+def gateway() -> Iterator[tuple[StubApp, str]]:
+    app = StubApp()
+    with serve_http(app) as url:
+        yield app, url
+
+
+class World:
+    """A seeded Rocket.Chat database: alice writes, bob (and others) receive."""
+
+    def __init__(self, db: Database[Doc]) -> None:
+        self.db = db
+        self.alice = f.user("alice", status="online")
+        self.bob = f.user("bob")
+        db.users.insert_many([self.alice, self.bob])
+        db.rocketchat_settings.insert_many(f.default_settings())
+        db.rocketchat_permissions.insert_one({"_id": "view-d-room", "roles": ["user", "admin"]})
+        expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+        db.rocketchat_workspace_credentials.insert_one(
+            {"_id": "wc", "scope": "", "accessToken": "ws-token", "expirationDate": expires}
+        )
+        db.get_collection("_raix_push_app_tokens").insert_one(f.push_token(self.bob))
+        self.dm = f.room("alicebob", t="d", usersCount=2)
+        self.channel = f.room("GENERAL", t="c", usersCount=2)
+        db.rocketchat_room.insert_many([self.dm, self.channel])
+        self.bob_dm = f.subscription(self.bob, self.dm)
+        self.bob_general = f.subscription(self.bob, self.channel)
+        db.rocketchat_subscription.insert_many(
+            [
+                f.subscription(self.alice, self.dm),
+                self.bob_dm,
+                f.subscription(self.alice, self.channel),
+                self.bob_general,
+            ]
+        )
+
+    def say(self, room: Doc, text: str = "hello bob", **fields: Any) -> Doc:
+        doc = f.message(room, self.alice, text, **fields)
+        self.db.rocketchat_message.insert_one(doc)
+        return doc
+
+
+@pytest.fixture
+def world(sync_db: Database[Doc]) -> World:
+    return World(sync_db)
+
+
+def write_config(path: Path, mongo_uri: str, db_name: str, gateway_url: str, **queue: Any) -> Path:
+    queue_lines = "\n".join(f"{key} = {value}" for key, value in queue.items())
+    path.write_text(
+        f"""
+[mongo]
+uri = "{mongo_uri}"
+database = "{db_name}"
+[queue]
+{queue_lines}
+[delivery]
+gateway_urls = ["{gateway_url}"]
+retry_initial = 0.1
+retry_max = 0.5
+[http]
+listen = "127.0.0.1:0"
+[log]
+level = "debug"
+[app]
+shutdown_grace = 5.0
+"""
+    )
+    return path
+
+
+@pytest.fixture
+def daemon_for(
+    tmp_path: Path, mongo_uri: str, db_name: str, gateway: tuple[StubApp, str]
+) -> Iterator[Any]:
+    started: list[Daemon] = []
+
+    def start(**queue: Any) -> Daemon:
+        config = write_config(tmp_path / "config.toml", mongo_uri, db_name, gateway[1], **queue)
+        daemon = Daemon(config).start()
+        started.append(daemon)
+        daemon.wait_for_log("started", timeout=60)
+        return daemon
+
+    yield start
+    for daemon in started:
+        print("\n".join(daemon.raw[-40:]))  # shown by pytest when the test failed
+        if daemon.process is not None and daemon.process.poll() is None:
+            daemon.kill()
+
+
+def test_offline_users_direct_message_reaches_the_gateway(
+    world: World, daemon_for: Any, gateway: tuple[StubApp, str]
+) -> None:
+    stub, _ = gateway
+    daemon = daemon_for()
+    message = world.say(world.dm, "are you there?")
+
+    (request,) = stub.wait_for(1, GCM, timeout=30)
+    body = request.json()
+    assert request.headers["authorization"] == "Bearer ws-token"
+    assert body["token"] == "gcm-device-bob"
+    assert body["options"]["userId"] == world.bob["_id"]
+    assert body["options"]["payload"]["messageId"] == message["_id"]
+    assert body["options"]["payload"]["rid"] == world.dm["_id"]
+    assert "are you there?" in body["options"]["text"]
+    daemon.wait_for_log("message_decided", mid=message["_id"])
+    assert daemon.terminate() == 0
+    assert "push:  yes" in explain(daemon, message["_id"], "bob")
+
+
+def test_online_users_push_waits_and_is_cancelled_by_reading_the_room(
+    world: World, daemon_for: Any, gateway: tuple[StubApp, str], sync_db: Database[Doc]
+) -> None:
+    stub, _ = gateway
+    world.db.users.update_one({"_id": world.bob["_id"]}, {"$set": {"status": "online"}})
+    daemon = daemon_for(delay_online=3600)
+    message = world.say(world.dm)
+    wait_until(lambda: sync_db.streamer_queue.count_documents({"mid": message["_id"]}), 30)
+
+    sync_db.rocketchat_subscription.update_one(
+        {"_id": world.bob_dm["_id"]},
+        {"$set": {"ls": dt.datetime.now(dt.UTC), "unread": 0, "alert": False}},
+    )
+    daemon.wait_for_log("queue_cleared_on_read", uid=world.bob["_id"])
+    assert sync_db.streamer_queue.count_documents({}) == 0
+    assert daemon.terminate() == 0
+    assert stub.received(GCM) == []
+
+
+def test_online_users_push_goes_out_after_the_delay(
+    world: World, daemon_for: Any, gateway: tuple[StubApp, str]
+) -> None:
+    stub, _ = gateway
+    world.db.users.update_one({"_id": world.bob["_id"]}, {"$set": {"status": "online"}})
+    daemon = daemon_for(delay_online=1)
+    message = world.say(world.dm)
+    (request,) = stub.wait_for(1, GCM, timeout=30)
+    assert request.json()["options"]["payload"]["messageId"] == message["_id"]
+    assert daemon.terminate() == 0
+
+
+@pytest.mark.parametrize(
+    ("collection", "change", "reason"),
+    [
+        ("rocketchat_subscription", {"ignored": ["u-alice"]}, "sender_ignored"),
+        ("rocketchat_subscription", {"disableNotifications": True}, "room_notifications_disabled"),
+        ("users", {"status": "busy"}, "user_busy"),
+        ("rocketchat_subscription", {"mobilePushNotifications": "nothing"}, "preference_nothing"),
+    ],
+)
+def test_a_recipient_who_should_not_get_a_push_gets_none_and_the_reason_is_logged(
+    world: World,
+    daemon_for: Any,
+    gateway: tuple[StubApp, str],
+    collection: str,
+    change: dict[str, Any],
+    reason: str,
+) -> None:
+    stub, _ = gateway
+    target = world.bob_dm if collection == "rocketchat_subscription" else world.bob
+    world.db[collection].update_one({"_id": target["_id"]}, {"$set": change})
+    daemon = daemon_for()
+    message = world.say(world.dm)
+    (line,) = daemon.wait_for_log("message_decided", mid=message["_id"])
+    assert line["not_pushed"].get(reason) == 1
+    assert line["pushes"] == 0
+    assert daemon.terminate() == 0
+    assert stub.received(GCM) == []
+    assert "push:  no, " in explain(daemon, message["_id"], "bob")
+    assert f"[{reason}]" in explain(daemon, message["_id"], "bob")
+
+
+def test_large_room_without_mention_sends_nothing(
+    world: World, daemon_for: Any, gateway: tuple[StubApp, str]
+) -> None:
+    stub, _ = gateway
+    others = [f.user(f"member{n}") for n in range(12)]
+    world.db.users.insert_many(others)
+    world.db.rocketchat_subscription.insert_many([f.subscription(u, world.channel) for u in others])
+    world.db.rocketchat_settings.update_one(
+        {"_id": "Notifications_Max_Room_Members"}, {"$set": {"value": 10}}
+    )
+    daemon = daemon_for()
+    message = world.say(world.channel, "hello everyone")
+    (line,) = daemon.wait_for_log("message_decided", mid=message["_id"])
+    assert line["not_pushed"].get("large_room") == 13  # bob and the twelve others
+    assert daemon.terminate() == 0
+    assert stub.received(GCM) == []
+
+
+def test_sigterm_mid_burst_then_restart_delivers_every_push_exactly_once(
+    world: World, daemon_for: Any, gateway: tuple[StubApp, str], sync_db: Database[Doc]
+) -> None:
+    stub, _ = gateway
+    stub.default = Reply(delay=0.005)  # a gateway a little slower than the daemon
+    members = [f.user(f"member{n}") for n in range(40)]
+    sync_db.users.insert_many(members)
+    sync_db.rocketchat_subscription.insert_many([f.subscription(u, world.channel) for u in members])
+    sync_db.get_collection("_raix_push_app_tokens").insert_many([f.push_token(u) for u in members])
+    expected = {(f"gcm-device-{u['username']}", n) for u in members for n in range(25)}
+    expected |= {("gcm-device-bob", n) for n in range(25)}
+
+    first = daemon_for()
+    mids = [world.say(world.channel, f"burst {n}")["_id"] for n in range(25)]
+    stub.wait_for(100, GCM, timeout=60)
+    assert first.terminate() == 0
+    first.wait_for_log("stopped")
+    sent_before_restart = len(stub.received(GCM))
+
+    second = daemon_for()
+    stub.wait_for(len(expected), GCM, timeout=120)
+    assert second.terminate() == 0
+    pushes = stub.received(GCM)
+    seen = Counter(
+        (r.json()["token"], mids.index(r.json()["options"]["payload"]["messageId"])) for r in pushes
+    )
+    assert set(seen) == expected
+    assert [key for key, count in seen.items() if count > 1] == []
+    assert sent_before_restart < len(expected), "the burst finished before SIGTERM"
+
+
+def explain(daemon: Daemon, mid: str, user: str) -> str:
+    """What `streamer explain` says, run like an operator would against the same config."""
+    result = subprocess.run(
+        [sys.executable, "-m", "streamer", "explain", mid, "--user", user],
+        env={**daemon.env, "STREAMER_CONFIG": str(daemon.config_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout
