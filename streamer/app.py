@@ -171,7 +171,7 @@ class Daemon:
         )
         http_stop = anyio.Event()
         async with anyio.create_task_group() as tg:
-            await tg.start(
+            address = await tg.start(
                 functools.partial(
                     serve_http, self.health, self.config.http.listen, shutdown=http_stop
                 )
@@ -179,7 +179,7 @@ class Daemon:
             tg.start_soon(_run_until, shutdown, sources.run)
             tg.start_soon(self._watch_health, sources)
             await tg.start(self.queue.follow)
-            log.info("started", instance_id=self.instance_id)
+            log.info("started", instance_id=self.instance_id, http=address)
             await self.courier.run(shutdown)
             http_stop.set()
             tg.cancel_scope.cancel()

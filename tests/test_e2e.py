@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pymongo.database import Database
 
@@ -133,6 +134,11 @@ def test_offline_users_direct_message_reaches_the_gateway(
     assert body["options"]["payload"]["rid"] == world.dm["_id"]
     assert "are you there?" in body["options"]["text"]
     daemon.wait_for_log("message_decided", mid=message["_id"])
+    base = f"http://{daemon.logs('started')[0]['http']}"
+    wait_until(lambda: httpx.get(f"{base}/readyz").status_code == 200, 30)
+    metrics = httpx.get(f"{base}/metrics").text
+    assert 'streamer_pushes_total{provider="gateway",result="sent"} 1.0' in metrics
+    assert "streamer_messages_seen_total 1.0" in metrics
     assert daemon.terminate() == 0
     assert "push:  yes" in explain(daemon, message["_id"], "bob")
 
