@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
-import ipaddress
 import socket
 import tempfile
 import threading
@@ -28,12 +26,9 @@ import hypercorn.asyncio
 import hypercorn.config
 import orjson
 import uvicorn
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from streamer.devmongo import free_port
+from tests.tls import issue_certificates
 
 Scope = dict[str, Any]
 
@@ -149,78 +144,6 @@ def serve_http(app: Any, port: int | None = None) -> Iterator[str]:
         thread.join(timeout=10)
 
 
-def _issue_certificates(directory: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a 127.0.0.1/localhost server certificate it signed.
-
-    Returns (ca, cert, key) paths; clients trust the CA exactly as they would a
-    real provider's, so TLS and ALPN are the real thing.
-    """
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "streamer test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = directory / "ca.pem", directory / "cert.pem", directory / "key.pem"
-    paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return paths
-
-
 @contextlib.contextmanager
 def serve_http2(app: Any) -> Iterator[tuple[str, str]]:
     """Serve `app` with hypercorn over TLS, HTTP/2 by ALPN, in a thread.
@@ -229,11 +152,11 @@ def serve_http2(app: Any) -> Iterator[tuple[str, str]]:
     HTTP/2, so its stand-in must too.
     """
     with tempfile.TemporaryDirectory() as tmp:
-        ca, cert, key = _issue_certificates(Path(tmp))
+        tls = issue_certificates(Path(tmp))
         port = free_port()
         config = hypercorn.config.Config()
         config.bind = [f"127.0.0.1:{port}"]
-        config.certfile, config.keyfile = str(cert), str(key)
+        config.certfile, config.keyfile = str(tls.cert), str(tls.key)
         config.alpn_protocols = ["h2", "http/1.1"]
         config.loglevel = "WARNING"
         loop = asyncio.new_event_loop()
@@ -249,7 +172,7 @@ def serve_http2(app: Any) -> Iterator[tuple[str, str]]:
         thread.start()
         _wait_until_listening(port, thread)
         try:
-            yield f"https://127.0.0.1:{port}", str(ca)
+            yield f"https://127.0.0.1:{port}", str(tls.ca)
         finally:
             loop.call_soon_threadsafe(stop.set)
             thread.join(timeout=10)
