@@ -26,6 +26,7 @@ from pymongo.errors import PyMongoError
 from streamer.config import Config, ConfigError, override_settings
 from streamer.delivery.apns import load_signing_key
 from streamer.delivery.fcm import load_service_account
+from streamer.delivery.gateway import StoredToken, stored_workspace_token
 from streamer.directory import DatabaseDirectory
 from streamer.model import (
     MESSAGES,
@@ -33,7 +34,6 @@ from streamer.model import (
     STATISTICS,
     WORKSPACE_CREDENTIALS,
     Settings,
-    to_epoch,
 )
 
 Doc = dict[str, Any]
@@ -70,20 +70,12 @@ class Check:
 
 
 @dataclass(frozen=True, slots=True)
-class WorkspaceToken:
-    access_token: str
-    expires_at: float | None
-    #: Where it was found, for the report (never the token itself).
-    source: str
-
-
-@dataclass(frozen=True, slots=True)
 class Context:
     config: Config
     db: AsyncDatabase[Doc]
     http: httpx.AsyncClient
     settings: Settings
-    workspace_token: WorkspaceToken | None
+    workspace_token: StoredToken | None
     now: float
 
 
@@ -104,7 +96,7 @@ async def run_checks(
         db=db,
         http=client,
         settings=settings,
-        workspace_token=await load_workspace_token(db, settings),
+        workspace_token=await stored_workspace_token(db),
         now=time.time() if now is None else now,
     )
     checks = [mongo]
@@ -308,31 +300,6 @@ async def check_registration(ctx: Context) -> Check:
             '[delivery] mode = "direct".',
         )
     return _pass(name, f"workspace {ctx.settings.cloud_workspace_id} is registered")
-
-
-async def load_workspace_token(db: AsyncDatabase[Doc], settings: Settings) -> WorkspaceToken | None:
-    """The token the gateway pushkin presents, with its expiry and where it was found.
-
-    Same choice as `streamer.delivery.gateway.WorkspaceToken`: the default (empty)
-    scope first, then the one that expires last; else the settings of older servers.
-    """
-    best: tuple[tuple[bool, float], WorkspaceToken] | None = None
-    async for doc in db[WORKSPACE_CREDENTIALS].find({"accessToken": {"$type": "string"}}):
-        token = WorkspaceToken(
-            doc["accessToken"], to_epoch(doc.get("expirationDate")), WORKSPACE_CREDENTIALS
-        )
-        rank = (doc.get("scope") in ("", None), token.expires_at or 0.0)
-        if token.access_token and (best is None or rank > best[0]):
-            best = (rank, token)
-    if best is not None:
-        return best[1]
-    if settings.workspace_access_token:
-        return WorkspaceToken(
-            settings.workspace_access_token,
-            settings.workspace_access_token_expires_at,
-            "setting Cloud_Workspace_Access_Token",
-        )
-    return None
 
 
 async def check_workspace_token(ctx: Context) -> Check:

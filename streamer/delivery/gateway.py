@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -72,7 +73,9 @@ class WorkspaceToken:
         self._valid_until = 0.0
 
     async def _load(self) -> None:
-        token, expires_at = await self._from_credentials() or await self._from_settings()
+        stored = await stored_workspace_token(self._db)
+        token = None if stored is None else stored.access_token
+        expires_at = None if stored is None else stored.expires_at
         now = self._clock()
         if token is None or (expires_at is not None and expires_at <= now):
             if token is not None:
@@ -81,23 +84,42 @@ class WorkspaceToken:
         self._token = token
         self._valid_until = float("inf") if expires_at is None else expires_at
 
-    async def _from_credentials(self) -> tuple[str, float | None] | None:
-        """The newest token; the default (empty) scope first, as Rocket.Chat's push uses it."""
-        best: tuple[tuple[bool, float], str, float | None] | None = None
-        async for doc in self._db[WORKSPACE_CREDENTIALS].find({}):
-            token = doc.get("accessToken")
-            if not isinstance(token, str) or not token:
-                continue
-            expires_at = to_epoch(doc.get("expirationDate"))
-            rank = (doc.get("scope") in ("", None), expires_at or 0.0)
-            if best is None or rank > best[0]:
-                best = (rank, token, expires_at)
-        return None if best is None else (best[1], best[2])
 
-    async def _from_settings(self) -> tuple[str | None, float | None]:
-        cursor = self._db[SETTINGS].find({"_id": {"$in": list(TOKEN_SETTINGS)}})
-        settings = Settings.from_values({doc["_id"]: doc.get("value") async for doc in cursor})
-        return settings.workspace_access_token, settings.workspace_access_token_expires_at
+@dataclass(frozen=True, slots=True)
+class StoredToken:
+    """The workspace token as Rocket.Chat stored it, and where (for `streamer doctor`)."""
+
+    access_token: str = field(repr=False)
+    expires_at: float | None
+    #: Where it was found, for the report (never the token itself).
+    source: str
+
+
+async def stored_workspace_token(db: AsyncDatabase[Doc]) -> StoredToken | None:
+    """The token the gateway gets: in `rocketchat_workspace_credentials` the default (empty)
+    scope first, as Rocket.Chat's push uses it, then the one expiring last; else the
+    settings of older servers. One choice shared by the pushkin and `streamer doctor`."""
+    best: tuple[tuple[bool, float], StoredToken] | None = None
+    async for doc in db[WORKSPACE_CREDENTIALS].find({"accessToken": {"$type": "string"}}):
+        if not doc["accessToken"]:
+            continue
+        token = StoredToken(
+            doc["accessToken"], to_epoch(doc.get("expirationDate")), WORKSPACE_CREDENTIALS
+        )
+        rank = (doc.get("scope") in ("", None), token.expires_at or 0.0)
+        if best is None or rank > best[0]:
+            best = (rank, token)
+    if best is not None:
+        return best[1]
+    cursor = db[SETTINGS].find({"_id": {"$in": list(TOKEN_SETTINGS)}})
+    settings = Settings.from_values({doc["_id"]: doc.get("value") async for doc in cursor})
+    if not settings.workspace_access_token:
+        return None
+    return StoredToken(
+        settings.workspace_access_token,
+        settings.workspace_access_token_expires_at,
+        f"setting {TOKEN_SETTINGS[0]}",
+    )
 
 
 class GatewayPushkin:
