@@ -1,0 +1,70 @@
+"""`streamer run` refuses to start on what it cannot fix: one clear line, the right exit code."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from tests.credentials import write_apns_key
+
+
+def run_streamer(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streamer", "run", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def direct_mode_config(tmp_path: Path, mongo_uri: str, db_name: str, key: Path) -> Path:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"""
+[mongo]
+uri = "{mongo_uri}"
+database = "{db_name}"
+[delivery]
+mode = "direct"
+[apns]
+key_file = "{key}"
+key_id = "ABC123DEFG"
+team_id = "TEAM123456"
+[http]
+listen = "127.0.0.1:0"
+"""
+    )
+    return config
+
+
+def test_a_world_readable_apns_key_refuses_to_start(
+    tmp_path: Path, mongo_uri: str, db_name: str
+) -> None:
+    key, _ = write_apns_key(tmp_path)
+    key.chmod(0o644)
+    result = run_streamer(direct_mode_config(tmp_path, mongo_uri, db_name, key))
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = [orjson.loads(line) for line in result.stdout.splitlines()]
+    (error,) = [line for line in lines if line["level"] == "error"]
+    assert error["event"] == "configuration_error"
+    assert str(key) in error["error"] and "chmod 600" in error["error"]
+    assert "BEGIN PRIVATE KEY" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_direct_mode_without_any_provider_key_refuses_to_start(
+    tmp_path: Path, mongo_uri: str, db_name: str
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[mongo]\nuri = "{mongo_uri}"\ndatabase = "{db_name}"\n'
+        '[delivery]\nmode = "direct"\n[http]\nlisten = "127.0.0.1:0"\n'
+    )
+    result = run_streamer(config)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "[fcm] service_account_file or [apns] key_file" in result.stdout
