@@ -18,7 +18,15 @@ from streamer.delivery.errors import Outcome
 from streamer.delivery.gateway import GatewayPushkin, WorkspaceToken
 from streamer.delivery.http import InFlightCap, make_http_client
 from streamer.delivery.ledger import SentLedger
-from streamer.delivery.sender import Attempts, Delivered, GivenUp, PushSender, RetryAt, device_of
+from streamer.delivery.sender import (
+    Attempts,
+    Delivered,
+    GivenUp,
+    PushSender,
+    RetryAt,
+    RetryPolicy,
+    device_of,
+)
 from streamer.model import PUSH_TOKENS, PushToken
 from tests import factories
 from tests.servers import Reply, StubApp, serve_http
@@ -301,3 +309,12 @@ async def test_the_in_flight_cap_holds_requests_beyond_its_limit() -> None:
         release.set()
     assert len(entered) == 5
     assert metric("streamer_pushes_in_flight") == before
+
+
+def test_a_retry_after_longer_than_give_up_after_waits_only_until_the_give_up_time() -> None:
+    """A gateway's `Retry-After: 86400` must not park a push past its give-up time."""
+    policy = RetryPolicy(CONFIG, clock=lambda: NOW)
+    failing_since = NOW - 600
+    retry = policy.after_failure("503", 86_400.0, Attempts(3, failing_since))
+    assert isinstance(retry, RetryAt)
+    assert retry.at == failing_since + CONFIG.give_up_after

@@ -84,10 +84,16 @@ class RetryPolicy:
     def after_failure(
         self, error: str, retry_after: float | None, attempts: Attempts, **context: str
     ) -> RetryAt | GivenUp:
-        """Exponential backoff with jitter, never before Retry-After; give up past the limit."""
+        """Exponential backoff with jitter, never before Retry-After; give up past the limit.
+
+        No retry is scheduled past the give-up time, whatever Retry-After asks: a
+        gateway answering `Retry-After: 86400` would otherwise park the push for a
+        day, long after it should have been given up with a log line.
+        """
         now = self._clock()
         first_failure_at = attempts.first_failure_at if attempts.first_failure_at else now
-        if now - first_failure_at >= self._give_up_after:
+        give_up_at = first_failure_at + self._give_up_after
+        if now >= give_up_at:
             metrics.PUSH_GIVEN_UP.inc()
             log.warning(
                 "push_given_up",
@@ -98,7 +104,7 @@ class RetryPolicy:
             )
             return GivenUp(error)
         following = Attempts(attempts.count + 1, first_failure_at)
-        delay = max(self._wait(following.count), retry_after or 0.0)
+        delay = min(max(self._wait(following.count), retry_after or 0.0), give_up_at - now)
         metrics.PUSH_RETRIES.inc()
         log.info("push_retry_scheduled", delay=delay, error=error, **context)
         return RetryAt(now + delay, error, following)

@@ -93,10 +93,15 @@ class Queue:
         self._changed_now()
 
     async def add(self, entries: Sequence[Entry]) -> None:
-        """Queue the entries durably (one write); an entry already queued is left as it is."""
+        """Queue the entries durably (one write); an entry already queued is left as it is.
+
+        While the insert is awaited, `follow` may already have scheduled a new entry
+        from its change event, and a taker leased it: scheduling it again then would
+        hand it out twice (the lease accepts this instance's own), so held ones are skipped.
+        """
         new = await self._store.insert(entries)
         for entry in entries:
-            if entry.id in new:
+            if entry.id in new and entry.id not in self._held:
                 self._schedule.put(entry_slot(entry))
         self._changed_now()
 
