@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import subprocess
 import sys
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,9 @@ from pymongo.database import Database
 from tests import factories as f
 from tests.daemon import Daemon, wait_until
 from tests.servers import Reply, StubApp, serve_http
+from tests.world import GCM, World, pushes_by_key, write_config
 
 Doc = dict[str, Any]
-GCM = "/push/gcm/send"
 
 
 @pytest.fixture
@@ -34,68 +33,9 @@ def gateway() -> Iterator[tuple[StubApp, str]]:
         yield app, url
 
 
-class World:
-    """A seeded Rocket.Chat database: alice writes, bob (and others) receive."""
-
-    def __init__(self, db: Database[Doc]) -> None:
-        self.db = db
-        self.alice = f.user("alice", status="online")
-        self.bob = f.user("bob")
-        db.users.insert_many([self.alice, self.bob])
-        db.rocketchat_settings.insert_many(f.default_settings())
-        db.rocketchat_permissions.insert_one({"_id": "view-d-room", "roles": ["user", "admin"]})
-        expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
-        db.rocketchat_workspace_credentials.insert_one(
-            {"_id": "wc", "scope": "", "accessToken": "ws-token", "expirationDate": expires}
-        )
-        db.get_collection("_raix_push_app_tokens").insert_one(f.push_token(self.bob))
-        self.dm = f.room("alicebob", t="d", usersCount=2)
-        self.channel = f.room("GENERAL", t="c", usersCount=2)
-        db.rocketchat_room.insert_many([self.dm, self.channel])
-        self.bob_dm = f.subscription(self.bob, self.dm)
-        self.bob_general = f.subscription(self.bob, self.channel)
-        db.rocketchat_subscription.insert_many(
-            [
-                f.subscription(self.alice, self.dm),
-                self.bob_dm,
-                f.subscription(self.alice, self.channel),
-                self.bob_general,
-            ]
-        )
-
-    def say(self, room: Doc, text: str = "hello bob", **fields: Any) -> Doc:
-        doc = f.message(room, self.alice, text, **fields)
-        self.db.rocketchat_message.insert_one(doc)
-        return doc
-
-
 @pytest.fixture
 def world(sync_db: Database[Doc]) -> World:
     return World(sync_db)
-
-
-def write_config(path: Path, mongo_uri: str, db_name: str, gateway_url: str, **queue: Any) -> Path:
-    queue_lines = "\n".join(f"{key} = {value}" for key, value in queue.items())
-    path.write_text(
-        f"""
-[mongo]
-uri = "{mongo_uri}"
-database = "{db_name}"
-[queue]
-{queue_lines}
-[delivery]
-gateway_urls = ["{gateway_url}"]
-retry_initial = 0.1
-retry_max = 0.5
-[http]
-listen = "127.0.0.1:0"
-[log]
-level = "debug"
-[app]
-shutdown_grace = 5.0
-"""
-    )
-    return path
 
 
 @pytest.fixture
@@ -224,17 +164,11 @@ def test_large_room_without_mention_sends_nothing(
 
 
 def test_sigterm_mid_burst_then_restart_delivers_every_push_exactly_once(
-    world: World, daemon_for: Any, gateway: tuple[StubApp, str], sync_db: Database[Doc]
+    world: World, daemon_for: Any, gateway: tuple[StubApp, str]
 ) -> None:
     stub, _ = gateway
     stub.default = Reply(delay=0.005)  # a gateway a little slower than the daemon
-    members = [f.user(f"member{n}") for n in range(40)]
-    sync_db.users.insert_many(members)
-    sync_db.rocketchat_subscription.insert_many([f.subscription(u, world.channel) for u in members])
-    sync_db.get_collection("_raix_push_app_tokens").insert_many([f.push_token(u) for u in members])
-    expected = {(f"gcm-device-{u['username']}", n) for u in members for n in range(25)}
-    expected |= {("gcm-device-bob", n) for n in range(25)}
-
+    members = world.add_offline_members(40)
     first = daemon_for()
     mids = [world.say(world.channel, f"burst {n}")["_id"] for n in range(25)]
     stub.wait_for(100, GCM, timeout=60)
@@ -243,15 +177,13 @@ def test_sigterm_mid_burst_then_restart_delivers_every_push_exactly_once(
     sent_before_restart = len(stub.received(GCM))
 
     second = daemon_for()
-    stub.wait_for(len(expected), GCM, timeout=120)
+    stub.wait_for(len(members) * 25 + 25, GCM, timeout=120)
     assert second.terminate() == 0
-    pushes = stub.received(GCM)
-    seen = Counter(
-        (r.json()["token"], mids.index(r.json()["options"]["payload"]["messageId"])) for r in pushes
-    )
+    seen = pushes_by_key(stub.received(GCM))
+    expected = {(token, mid) for token in world.channel_tokens(members) for mid in mids}
     assert set(seen) == expected
     assert [key for key, count in seen.items() if count > 1] == []
-    assert sent_before_restart < len(expected), "the burst finished before SIGTERM"
+    assert sent_before_restart < len(seen), "the burst finished before SIGTERM"
 
 
 def explain(daemon: Daemon, mid: str, user: str) -> str:
