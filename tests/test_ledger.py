@@ -77,3 +77,24 @@ async def test_concurrent_claims_share_writes_and_each_device_is_won_once(
             tasks.start_soon(claim, device)
     assert sorted(d.token for d in won) == sorted(d.token for d in devices)
     assert await db[SENT_LEDGER].count_documents({"state": "sending"}) == len(devices)
+
+
+@pytest.mark.anyio
+async def test_a_claim_left_sending_by_an_attempt_that_is_over_is_taken_over(
+    db: AsyncDatabase[Doc],
+) -> None:
+    crashed, restarted = SentLedger(db), SentLedger(db)
+    await crashed.claim("u1", "m1", [PHONE, TABLET], NOW)
+    await crashed.finish("u1", "m1", TABLET, Outcome.SENT, NOW)
+    assert await restarted.claim("u1", "m1", [PHONE, TABLET], NOW) == [PHONE]
+
+
+@pytest.mark.anyio
+async def test_a_claim_is_not_taken_over_while_its_attempt_runs_but_after_it_ended(
+    db: AsyncDatabase[Doc],
+) -> None:
+    ledger = SentLedger(db)
+    assert await ledger.claim("u1", "m1", [PHONE], NOW) == [PHONE]
+    assert await ledger.claim("u1", "m1", [PHONE], NOW) == []
+    ledger.end("u1", "m1", [PHONE])  # say its release failed: MongoDB was down
+    assert await ledger.claim("u1", "m1", [PHONE], NOW) == [PHONE]

@@ -1,24 +1,31 @@
-"""At most one push per (user, message, device token), across crashes and restarts.
+"""One push per (user, message, device token), across crashes and restarts.
 
 Before a push goes out, `claim` inserts a record `{_id: {uid, mid, token},
-state: "sending"}`; the unique `_id` makes the insert the claim, so two
-attempts (a restart, a second instance whose lease overlapped) cannot both
-push. After a final answer (sent, dead token, rejected) `finish` marks it
-"sent"; after a temporary failure `release` deletes it so the retry may claim
-it again. A TTL index on `at` removes records once no retry can need them.
+state: "sending"}`; the unique `_id` makes the insert the claim, so a push
+that was answered is never sent again, whoever retries it. After a final
+answer (sent, dead token, rejected) `finish` marks it "sent"; after a
+temporary failure `release` deletes it so the retry may claim it again. A
+TTL index on `at` removes records once no retry can need them.
 
 The remaining window: the process dies after the provider accepted the push
 but before `finish` was written (one round trip to MongoDB). The record then
-stays "sending" and a restart **skips** that device: at-most-once. We choose
-skipping because the spec's promise is "at most one push per (user, message,
-device)" and a duplicate is visible to the user, while the same crash window
-before the request left (equally short) costs one push that the user still
-sees in the app's unread badge. Each skip is logged (`push_outcome_unknown`).
-A push cancelled mid-request (shutdown past its grace period) is the same case.
+stays "sending", and the next attempt — the queue hands the entry to one
+instance at a time, so the attempt that wrote it is over — **sends again**:
+at-least-once per device, logged as `push_outcome_unknown`. We first chose to
+skip such devices (at-most-once), but a `kill -9` mid-burst showed that most of
+them had *not* gone out: claims are written before the request, so every
+request still being written, queued in the transport or unread by the provider
+when the process died was lost — ~35 per crash at 256 in flight
+(tests/test_chaos_crash.py). Re-sending turns that into duplicates for only
+the pushes the provider had taken but whose answer was not yet recorded: ~20
+per crash in that test, at most `[delivery] concurrency`. The same holds for
+a claim that could not be released because MongoDB was down. Only a claim
+made by an attempt still running in this process is never taken over
+(`_live`).
 
-A timeout is the one case that is retried although the provider may have
-accepted: it is far more common than a crash, and giving up on every slow
-answer would lose pushes routinely. That is the documented duplicate window.
+A timeout is retried likewise although the provider may have accepted: it
+is far more common than a crash, and giving up on every slow answer would
+lose pushes routinely. These two are the documented duplicate windows.
 
 Writes go to MongoDB in groups (`_GroupCommit`): while one bulk write is in
 flight the next claims and marks gather, so the ledger costs a round trip per
@@ -78,6 +85,8 @@ class SentLedger:
         self._records = db.get_collection(collection, write_concern=PRIMARY_ACKNOWLEDGED)
         self._ttl = int(ttl)
         self._writes = _GroupCommit(self._records)
+        #: Keys claimed by attempts of this process that have not ended yet.
+        self._live: set[tuple[str, str, str]] = set()
 
     async def ensure_indexes(self) -> None:
         """The TTL index that bounds the ledger; a changed `ttl` is applied in place."""
@@ -95,39 +104,64 @@ class SentLedger:
     async def claim(
         self, uid: str, mid: str, devices: Sequence[Device], now: float
     ) -> list[Device]:
-        """The devices this attempt may push to; the others were pushed (or tried) before."""
-        records: list[Doc] = [
-            {"_id": _key(uid, mid, d), "state": SENDING, "at": _date(now), "token_id": d.token_id}
-            for d in devices
-        ]
-        codes = await self._writes.run([InsertOne(record) for record in records])
-        taken = [record["_id"] for record, code in zip(records, codes, strict=True) if code]
-        await self._log_unknown(taken)
-        return [d for d, code in zip(devices, codes, strict=True) if not code]
+        """The devices this attempt may push to; the others were pushed before, or are
+        being pushed by another attempt in this process. Call `end` when the attempt ends."""
+        devices = [d for d in devices if (uid, mid, d.token) not in self._live]
+        self._live.update((uid, mid, d.token) for d in devices)
+        claimed: list[Device] = []
+        try:
+            records: list[Doc] = [
+                {
+                    "_id": _key(uid, mid, d),
+                    "state": SENDING,
+                    "at": _date(now),
+                    "token_id": d.token_id,
+                }
+                for d in devices
+            ]
+            codes = await self._writes.run([InsertOne(record) for record in records])
+            taken = [record["_id"] for record, code in zip(records, codes, strict=True) if code]
+            unknown = await self._unknown(taken)
+            claimed = [
+                d for d, code in zip(devices, codes, strict=True) if not code or d.token in unknown
+            ]
+        finally:
+            self.end(uid, mid, [d for d in devices if d not in claimed])
+        return claimed
+
+    def end(self, uid: str, mid: str, devices: Sequence[Device]) -> None:
+        """The attempt that claimed `devices` is over, however it ended."""
+        self._live.difference_update((uid, mid, d.token) for d in devices)
 
     async def finish(
         self, uid: str, mid: str, device: Device, outcome: Outcome, now: float
     ) -> None:
         """A final answer arrived: never push this message to this device again."""
+        self.end(uid, mid, [device])
         update = {"$set": {"state": SENT, "outcome": outcome.value, "at": _date(now)}}
         await self._writes.run([UpdateOne({"_id": _key(uid, mid, device)}, update)])
 
     async def release(self, uid: str, mid: str, device: Device) -> None:
         """A temporary failure: the push did not go out, so a retry may claim it."""
+        self.end(uid, mid, [device])
         await self._writes.run([DeleteOne({"_id": _key(uid, mid, device), "state": SENDING})])
 
-    async def _log_unknown(self, keys: list[Doc]) -> None:
-        """Claims left "sending" by a crash: the push may or may not have gone out."""
+    async def _unknown(self, keys: list[Doc]) -> set[str]:
+        """The tokens of claims an attempt that is over left "sending": the push may or may
+        not have gone out, and is sent again (see the module docstring)."""
         if not keys:
-            return
+            return set()
+        tokens: set[str] = set()
         async for doc in self._records.find({"_id": {"$in": keys}, "state": SENDING}):
+            tokens.add(doc["_id"]["token"])
             log.warning(
                 "push_outcome_unknown",
                 uid=doc["_id"]["uid"],
                 mid=doc["_id"]["mid"],
                 token_id=doc.get("token_id"),
-                action="skipped: at most one push per device",
+                action="sent again: at least once per device",
             )
+        return tokens
 
 
 @dataclass

@@ -158,6 +158,8 @@ class PushSender:
                     tasks.start_soon(self._push_one, content, device, failures)
         except* PyMongoError as group:
             raise group.exceptions[0] from None
+        finally:
+            self._ledger.end(content.uid, content.mid, claimed)
         if not failures:
             return Delivered()
         error = "; ".join(sorted({f.error for f in failures}))
