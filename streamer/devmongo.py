@@ -23,6 +23,8 @@ from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 
 REPLICA_SET = "rs0"
+#: replSetGetStatus member states.
+PRIMARY, SECONDARY = 1, 2
 
 
 class DevMongoUnavailable(RuntimeError):
@@ -171,3 +173,104 @@ def running(
         server.stop()
         if not os.environ.get("STREAMER_KEEP_MONGO_DATA"):
             shutil.rmtree(server.dbpath, ignore_errors=True)
+
+
+@dataclass
+class DevReplicaSet:
+    """Several `mongod`s from the same binary as one replica set: elections and step-downs."""
+
+    members: list[DevMongo]
+
+    @property
+    def uri(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{member.port}" for member in self.members)
+        return f"mongodb://{hosts}/?replicaSet={REPLICA_SET}"
+
+    def primary(self, timeout: float = 60.0) -> DevMongo:
+        """The member that is primary now, waiting for an election if there is none."""
+        _wait_set_primary(self.uri, timeout)
+        for member in self.members:
+            with MongoClient(
+                f"mongodb://127.0.0.1:{member.port}/?directConnection=true",
+                serverSelectionTimeoutMS=2000,
+            ) as client:
+                if client.admin.command("hello").get("isWritablePrimary"):
+                    return member
+        raise DevMongoUnavailable("the replica set has no primary")
+
+    def stop(self) -> None:
+        for member in self.members:
+            member.stop()
+
+
+def start_replica_set(n: int = 3, timeout: float = 90.0) -> DevReplicaSet:
+    """Spawn `n` members on free ports and initiate them as one set.
+
+    Elections are made quick (1 s timeout instead of 10 s) so a step-down in a
+    test is followed by a new primary within a couple of seconds.
+    """
+    ports = [free_port() for _ in range(n)]
+    root = Path(tempfile.mkdtemp(prefix="streamer-mongo-set-"))
+    members: list[DevMongo] = []
+    try:
+        for index, port in enumerate(ports):
+            dbpath = root / f"member{index}"
+            dbpath.mkdir()
+            members.append(DevMongo(process=_spawn(port, dbpath, ()), port=port, dbpath=dbpath))
+        _initiate_set(ports, timeout)
+        replica_set = DevReplicaSet(members)
+        _wait_set_primary(replica_set.uri, timeout)
+    except BaseException:
+        for member in members:
+            member.kill()
+        raise
+    return replica_set
+
+
+def _initiate_set(ports: list[int], timeout: float) -> None:
+    config = {
+        "_id": REPLICA_SET,
+        "members": [{"_id": i, "host": f"127.0.0.1:{port}"} for i, port in enumerate(ports)],
+        "settings": {"electionTimeoutMillis": 1000},
+    }
+    deadline = time.monotonic() + timeout
+    with MongoClient(
+        f"mongodb://127.0.0.1:{ports[0]}/?directConnection=true", serverSelectionTimeoutMS=500
+    ) as client:
+        while True:
+            try:
+                client.admin.command("replSetInitiate", config)
+                return
+            except PyMongoError:
+                if time.monotonic() > deadline:
+                    raise DevMongoUnavailable(f"replica set on {ports} was not initiated") from None
+                time.sleep(0.1)
+
+
+def _wait_set_primary(uri: str, timeout: float) -> None:
+    """Until there is a primary and every other member is a secondary (electable)."""
+    deadline = time.monotonic() + timeout
+    with MongoClient(uri, serverSelectionTimeoutMS=500) as client:
+        while True:
+            try:
+                status = client.admin.command("replSetGetStatus")  # selects the primary
+                if all(member["state"] in (PRIMARY, SECONDARY) for member in status["members"]):
+                    return
+            except PyMongoError:
+                pass
+            if time.monotonic() > deadline:
+                raise DevMongoUnavailable(f"no healthy set in {timeout} s at {uri}")
+            time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def running_replica_set(n: int = 3) -> Iterator[DevReplicaSet]:
+    """A replica set of `n` members for the duration of the block, its data removed afterwards."""
+    replica_set = start_replica_set(n)
+    try:
+        yield replica_set
+    finally:
+        replica_set.stop()
+        if not os.environ.get("STREAMER_KEEP_MONGO_DATA"):
+            for member in replica_set.members:
+                shutil.rmtree(member.dbpath.parent, ignore_errors=True)
