@@ -190,10 +190,7 @@ class DevReplicaSet:
         """The member that is primary now, waiting for an election if there is none."""
         _wait_set_primary(self.uri, timeout)
         for member in self.members:
-            with MongoClient(
-                f"mongodb://127.0.0.1:{member.port}/?directConnection=true",
-                serverSelectionTimeoutMS=2000,
-            ) as client:
+            with _client(f"mongodb://127.0.0.1:{member.port}/?directConnection=true") as client:
                 if client.admin.command("hello").get("isWritablePrimary"):
                     return member
         raise DevMongoUnavailable("the replica set has no primary")
@@ -234,9 +231,7 @@ def _initiate_set(ports: list[int], timeout: float) -> None:
         "settings": {"electionTimeoutMillis": 1000},
     }
     deadline = time.monotonic() + timeout
-    with MongoClient(
-        f"mongodb://127.0.0.1:{ports[0]}/?directConnection=true", serverSelectionTimeoutMS=500
-    ) as client:
+    with _client(f"mongodb://127.0.0.1:{ports[0]}/?directConnection=true") as client:
         while True:
             try:
                 client.admin.command("replSetInitiate", config)
@@ -250,7 +245,7 @@ def _initiate_set(ports: list[int], timeout: float) -> None:
 def _wait_set_primary(uri: str, timeout: float) -> None:
     """Until there is a primary and every other member is a secondary (electable)."""
     deadline = time.monotonic() + timeout
-    with MongoClient(uri, serverSelectionTimeoutMS=500) as client:
+    with _client(uri) as client:
         while True:
             try:
                 status = client.admin.command("replSetGetStatus")  # selects the primary
@@ -261,6 +256,10 @@ def _wait_set_primary(uri: str, timeout: float) -> None:
             if time.monotonic() > deadline:
                 raise DevMongoUnavailable(f"no healthy set in {timeout} s at {uri}")
             time.sleep(0.1)
+
+
+def _client(uri: str) -> MongoClient[dict[str, object]]:
+    return MongoClient(uri, serverSelectionTimeoutMS=500)
 
 
 @contextlib.contextmanager
