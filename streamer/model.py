@@ -47,10 +47,22 @@ class MalformedDocument(ValueError):
     """A document that cannot be acted on; the message names the collection and `_id`."""
 
     def __init__(self, collection: str, doc_id: object, why: str) -> None:
+        why = shortened(why)
         super().__init__(f"{collection} document {doc_id!r} skipped: {why}")
         self.collection = collection
         self.doc_id = doc_id
         self.why = why
+
+
+#: Longest explanation of a bad value kept: a why quotes the value, which may be megabytes.
+WHY_LIMIT = 300
+
+
+def shortened(text: str) -> str:
+    """`text` cut to `WHY_LIMIT` characters, saying how long it was: log lines stay small."""
+    if len(text) <= WHY_LIMIT:
+        return text
+    return f"{text[:WHY_LIMIT]}… ({len(text)} characters)"
 
 
 def to_epoch(value: object) -> float | None:
@@ -431,7 +443,7 @@ class Settings:
             raw = values[setting_id]
             parsed = parse(raw)
             if parsed is _INVALID:
-                shown = REDACTED if setting_id in SECRET_SETTINGS else repr(raw)
+                shown = REDACTED if setting_id in SECRET_SETTINGS else shortened(repr(raw))
                 problems.append(f"setting {setting_id}={shown} has the wrong type; default used")
             else:
                 kwargs[attr] = parsed

@@ -8,9 +8,10 @@ the batch goes on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from bson import Timestamp
@@ -18,6 +19,7 @@ from bson import Timestamp
 from streamer.directory import parse_or_log
 from streamer.model import (
     PRESENCES,
+    SUBSCRIPTIONS,
     USERS,
     MalformedDocument,
     Message,
@@ -47,6 +49,24 @@ def _document_id(change: Change) -> object:
     return key.get("_id") if isinstance(key, Mapping) else None
 
 
+def _string_id(collection: str, change: Change) -> str | None:
+    """The changed document's `_id` if it is a string, as all of Rocket.Chat's are.
+
+    Any other `_id` makes it a bad document: logged (once per write, not on its
+    delete) like every other, not silently passed over.
+    """
+    doc_id = _document_id(change)
+    if isinstance(doc_id, str):
+        return doc_id
+    if change.get("operationType") != "delete":
+        parse_or_log(functools.partial(_not_a_string_id, collection), doc_id)
+    return None
+
+
+def _not_a_string_id(collection: str, doc_id: object) -> None:
+    raise MalformedDocument(collection, doc_id, "_id is not a string")
+
+
 def messages_inserted(changes: Sequence[Change]) -> list[MessageInserted]:
     inserted = []
     for change in changes:
@@ -64,8 +84,8 @@ def subscription_reads(
     """Keep the subscription caches current and report the reads the batch contains."""
     reads: list[RoomRead | ThreadRead] = []
     for change in changes:
-        subscription_id = _document_id(change)
-        if not isinstance(subscription_id, str):
+        subscription_id = _string_id(SUBSCRIPTIONS, change)
+        if subscription_id is None:
             continue
         operation = change.get("operationType")
         if operation == "delete":
@@ -181,8 +201,8 @@ def presence_changes(
     """Keep the users cache current and report every change of `status`."""
     found: list[PresenceChanged] = []
     for change in changes:
-        uid = _document_id(change)
-        if not isinstance(uid, str):
+        uid = _string_id(USERS, change)
+        if uid is None:
             continue
         operation = change.get("operationType")
         if operation == "delete":
@@ -223,9 +243,9 @@ def _new_status(change: object) -> tuple[Presence | None]:
     else:
         full = change.get("fullDocument") or {}
         status = full.get("status", "offline")
-    if status not in PRESENCES:
+    if not isinstance(status, str) or status not in PRESENCES:
         raise MalformedDocument(USERS, _document_id(change), f"status={status!r} is not a presence")
-    return (status,)
+    return (cast(Presence, status),)
 
 
 def settings_changed(directory: CachedDirectory, changes: Sequence[Change]) -> None:

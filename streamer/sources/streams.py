@@ -243,7 +243,7 @@ class Sources:
     ) -> None:
         """Hand one batch on, then save where it ended (never before: see resume.py)."""
         if batch:
-            await stream.handle(batch)
+            await self._handle(stream, batch)
             lag = time.time() - meaning.change_time(batch[-1])
             metrics.STREAM_LAG.labels(stream.name).set(max(0.0, lag))
         else:
@@ -255,6 +255,29 @@ class Sources:
             # shutdown arrived during the save (pymongo's own timeouts bound it).
             with anyio.CancelScope(shield=True):
                 await self._tokens.save(stream.name, token)
+
+    async def _handle(self, stream: Stream, batch: Sequence[Change]) -> None:
+        """Hand a batch on; a change that breaks its handler is logged and skipped alone.
+
+        A bug met by one document must not stop the daemon: the supervisor's restart
+        would replay the same batch and crash again, for ever. The batch is handed
+        on again change by change (every handler is idempotent), so only the one
+        change that fails is lost, with an error line naming it. Database errors
+        are not bugs: they go up, to reconnect.
+        """
+        try:
+            await stream.handle(batch)
+        except PyMongoError:
+            raise
+        except Exception:
+            if len(batch) > 1:
+                for change in batch:
+                    await self._handle(stream, [change])
+                return
+            key = batch[0].get("documentKey")
+            doc_id = key.get("_id") if isinstance(key, Mapping) else None
+            log.exception("change_skipped", stream=stream.name, doc_id=doc_id)
+            metrics.MALFORMED_DOCUMENTS.labels(stream.collection).inc()
 
     async def _open_stream(
         self, stream: Stream, token: Mapping[str, Any] | None
