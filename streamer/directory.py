@@ -8,6 +8,7 @@ documents are logged with their `_id` and left out, never raised.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any, Protocol, TypeVar
 
@@ -55,14 +56,38 @@ class Directory(Protocol):
     async def badge(self, uid: str) -> int: ...
 
 
+#: How many bad documents are remembered as already reported (see `parse_or_log`).
+REPORTED_LIMIT = 10_000
+_reported: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+
+
 def parse_or_log(parse: Callable[[object], T], doc: object) -> T | None:
-    """Parse one document; a malformed one is logged once, counted, and skipped."""
+    """Parse one document; a malformed one is counted, skipped, and logged once.
+
+    Once: a bad document read again and again (a user's devices are re-read
+    after every change of their tokens, a message at every fire time) would
+    otherwise repeat its line on every read. A new problem with it is logged again.
+    """
     try:
         return parse(doc)
     except MalformedDocument as exc:
-        log.warning("malformed_document", collection=exc.collection, doc_id=exc.doc_id, why=exc.why)
         metrics.MALFORMED_DOCUMENTS.labels(exc.collection).inc()
+        if _first_report(exc):
+            log.warning(
+                "malformed_document", collection=exc.collection, doc_id=exc.doc_id, why=exc.why
+            )
         return None
+
+
+def _first_report(exc: MalformedDocument) -> bool:
+    key = (exc.collection, repr(exc.doc_id), exc.why)
+    if key in _reported:
+        _reported.move_to_end(key)
+        return False
+    _reported[key] = None
+    if len(_reported) > REPORTED_LIMIT:
+        _reported.popitem(last=False)
+    return True
 
 
 async def _parsed(parse: Callable[[object], T], cursor: AsyncIterator[Doc]) -> list[T]:

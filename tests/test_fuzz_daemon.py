@@ -152,7 +152,22 @@ def bad_user(draw: st.DrawFn) -> Doc:
     return mutate(f.user(f"fuzzed{next(_serial)}", _id=draw(BAD_ID)), path, value)
 
 
+@st.composite
+def bad_push_token(draw: st.DrawFn) -> Doc:
+    """Another device of bob's, broken: read on every reload of his devices."""
+    path, value = draw(
+        st.one_of(
+            st.tuples(st.just("token"), st.one_of(NOT_A_DOCUMENT, st.just(DELETE))),
+            st.tuples(st.just("token"), st.fixed_dictionaries({"gcm": NOT_TEXT})),
+            st.tuples(st.just("token"), st.fixed_dictionaries({"fcm": TEXT})),
+            st.tuples(st.just("appName"), NOT_TEXT),
+        )
+    )
+    return mutate(f.push_token(f.user("bob"), _id=draw(BAD_ID)), path, value)
+
+
 BAD = {
+    "_raix_push_app_tokens": bad_push_token(),
     "rocketchat_message": bad_message(),
     "rocketchat_subscription": bad_subscription(),
     "users": bad_user(),

@@ -19,11 +19,13 @@ from bson import Timestamp
 from streamer.directory import parse_or_log
 from streamer.model import (
     PRESENCES,
+    PUSH_TOKENS,
     SUBSCRIPTIONS,
     USERS,
     MalformedDocument,
     Message,
     Presence,
+    PushToken,
     Subscription,
     User,
     to_epoch,
@@ -64,7 +66,7 @@ def _string_id(collection: str, change: Change) -> str | None:
 
 
 def _not_a_string_id(collection: str, doc_id: object) -> None:
-    raise MalformedDocument(collection, doc_id, "_id is not a string")
+    raise MalformedDocument(collection, doc_id, "_id is not a non-empty string")
 
 
 def messages_inserted(changes: Sequence[Change]) -> list[MessageInserted]:
@@ -262,10 +264,14 @@ def settings_changed(directory: CachedDirectory, changes: Sequence[Change]) -> N
 
 
 def tokens_changed(directory: CachedDirectory, changes: Sequence[Change]) -> None:
+    """Drop the owners' cached devices; a bad token is reported now, as it is written,
+    not whenever its owner's devices happen to be read next."""
     for change in changes:
-        token_id = _document_id(change)
-        if not isinstance(token_id, str):
+        token_id = _string_id(PUSH_TOKENS, change)
+        if token_id is None:
             continue
         full = change.get("fullDocument")
+        if isinstance(full, Mapping):
+            parse_or_log(PushToken.from_doc, full)
         owner = full.get("userId") if isinstance(full, Mapping) else None
         directory.token_changed(token_id, owner if isinstance(owner, str) else None)
