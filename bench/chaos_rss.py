@@ -95,6 +95,10 @@ def seed(db: Any, members: int) -> World:
     db.users.insert_many(users)
     db.rocketchat_subscription.insert_many([f.subscription(u, world.channel) for u in users])
     db.get_collection("_raix_push_app_tokens").insert_many([f.push_token(u) for u in users])
+    # Every member gets a push: no large-room limit.
+    db.rocketchat_settings.update_one(
+        {"_id": "Notifications_Max_Room_Members"}, {"$set": {"value": 0}}
+    )
     return world
 
 
