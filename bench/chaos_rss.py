@@ -9,6 +9,11 @@ connections — and posts `messages` messages to the room. RSS is read from
 /proc after a warm-up (the first 5 % delivered) and once every push has been
 delivered; the growth between them is what a leak would show. A measurement,
 not a test: run by hand.
+
+Measured here (defaults: 201 devices x 100 messages = 20,100 pushes, 38,469
+gateway requests in 267 s, 1 s up / 1 s down): RSS 63 MiB at start, 98 MiB after
+warm-up (peak 117 MiB during the first burst), 95 MiB after all 20,100 were
+delivered — no growth (-3 MiB) after warm-up.
 """
 
 from __future__ import annotations
