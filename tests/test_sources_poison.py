@@ -1,0 +1,45 @@
+"""A change that breaks its handler (a bug met by one document) costs that change alone."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from pymongo.asynchronous.database import AsyncDatabase
+from structlog.testing import capture_logs
+
+from streamer.model import MESSAGES
+from streamer.sources.events import MessageInserted
+from tests import factories as f
+from tests.test_sources import ALICE, GENERAL, Recorder, running, wait_until
+
+pytestmark = pytest.mark.anyio
+Doc = dict[str, Any]
+
+
+class Poisoned(Recorder):
+    """The next stage with a bug: any batch holding the message "poison" raises."""
+
+    async def on_messages(self, events: Sequence[MessageInserted]) -> None:
+        if any(event.message.text == "poison" for event in events):
+            raise RuntimeError("a bug met by one document")
+        await super().on_messages(events)
+
+
+async def test_the_change_that_breaks_its_handler_is_skipped_and_its_batch_still_handled(
+    db: AsyncDatabase[Doc],
+) -> None:
+    recorder = Poisoned()
+    before = [f.message(GENERAL, ALICE, f"before {n}") for n in range(3)]
+    poison = f.message(GENERAL, ALICE, "poison")
+    after = [f.message(GENERAL, ALICE, f"after {n}") for n in range(3)]
+    async with running(db, recorder):
+        with capture_logs() as logs:
+            await db[MESSAGES].insert_many([*before, poison, *after])
+            await wait_until(lambda: after[-1]["_id"] in recorder.messages)
+            await db[MESSAGES].insert_one(later := f.message(GENERAL, ALICE, "later"))
+            await wait_until(lambda: later["_id"] in recorder.messages)
+    assert recorder.messages == [doc["_id"] for doc in [*before, *after, later]]
+    skipped = [line for line in logs if line["event"] == "change_skipped"]
+    assert [line["doc_id"] for line in skipped] == [poison["_id"]]
