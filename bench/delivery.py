@@ -21,6 +21,7 @@ from contextlib import contextmanager
 
 import anyio
 import httpx
+import orjson
 from aiohttp import web
 from pymongo import AsyncMongoClient
 
@@ -38,26 +39,40 @@ TARGET = 2_000.0
 CONFIG = DeliveryConfig(concurrency=CONCURRENCY, timeout=10.0)
 
 
-def _serve_gateway(port: int) -> None:
+def _serve_gateway(port: int, record: bool) -> None:
+    """With `record`, each push's arrival time is kept by its messageId; `GET /arrivals?since=N`
+    returns `[[messageId, epoch seconds], ...]` from the N-th on (bench.e2e's latencies)."""
+    arrivals: list[tuple[str, float]] = []
+
     async def accept(request: web.Request) -> web.Response:
-        await request.read()
+        body = await request.read()
+        if record:
+            arrived = time.time()
+            mid = orjson.loads(body).get("options", {}).get("payload", {}).get("messageId")
+            arrivals.append((str(mid), arrived))
         return web.json_response({})
+
+    async def report(request: web.Request) -> web.Response:
+        since = int(request.query.get("since", "0"))
+        return web.Response(body=orjson.dumps(arrivals[since:]), content_type="application/json")
 
     app = web.Application()
     app.router.add_post("/push/{kind}/send", accept)
+    app.router.add_get("/arrivals", report)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
 @contextmanager
-def stub_gateway() -> Iterator[str]:
+def stub_gateway(record: bool = False) -> Iterator[str]:
+    """A bare aiohttp gateway in its own process that accepts every push."""
     port = devmongo.free_port()
-    process = multiprocessing.Process(target=_serve_gateway, args=(port,), daemon=True)
+    process = multiprocessing.Process(target=_serve_gateway, args=(port, record), daemon=True)
     process.start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 10
     while True:
         try:
-            httpx.post(f"{url}/push/gcm/send", content=b"{}")
+            httpx.get(f"{url}/arrivals")
             break
         except httpx.TransportError:
             if time.monotonic() > deadline:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,15 @@ LogLine = dict[str, Any]
 
 
 class Daemon:
-    def __init__(self, config_path: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        env: Mapping[str, str] | None = None,
+        python_args: Sequence[str] = (),
+    ) -> None:
+        """`python_args` go before `-m streamer`, e.g. `-m cProfile -o FILE` (bench.e2e)."""
         self.config_path = config_path
+        self.python_args = tuple(python_args)
         self.env = {**os.environ, **(env or {})}
         self.lines: list[LogLine] = []
         self.raw: list[str] = []
@@ -33,7 +40,15 @@ class Daemon:
 
     def start(self) -> Daemon:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "streamer", "run", "--config", str(self.config_path)],
+            [
+                sys.executable,
+                *self.python_args,
+                "-m",
+                "streamer",
+                "run",
+                "--config",
+                str(self.config_path),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=self.env,
