@@ -37,10 +37,18 @@ class Ingest:
         self._config = config
         self._clock = clock
         self.latest_settings = Settings()
+        self._overridden: Settings | None = None
 
     async def settings(self) -> Settings:
-        """Rocket.Chat's settings as cached, with the config's overrides on top."""
-        self.latest_settings = override_settings(await self._directory.settings(), self._config)
+        """Rocket.Chat's settings as cached, with the config's overrides on top.
+
+        Called for every push; the cache hands out one `Settings` object until a
+        setting changes, so the overrides are applied once per change, not per push.
+        """
+        settings = await self._directory.settings()
+        if settings is not self._overridden:
+            self._overridden = settings
+            self.latest_settings = override_settings(settings, self._config)
         return self.latest_settings
 
     async def recheck(self, entry: Entry) -> str | None:

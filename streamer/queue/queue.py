@@ -285,7 +285,9 @@ class Queue:
                 if resync:
                     await self._reload()
                 async with await self._store.collection.watch(
-                    full_document="updateLookup", start_at_operation_time=self._synced_at
+                    self._store.others_changes(),
+                    full_document="updateLookup",
+                    start_at_operation_time=self._synced_at,
                 ) as stream:
                     if not started:
                         task_status.started()

@@ -37,6 +37,8 @@ SLOT_FIELDS = {
 }
 #: The side collection, as named in log lines and metric labels about malformed entries.
 QUEUE = "streamer_queue"
+#: The instance that inserted an entry (its follower skips its own inserts).
+QUEUED_BY = "queued_by"
 _DUPLICATE_KEY = 11000
 _KINDS: frozenset[str] = frozenset({"push", "email"})
 
@@ -166,7 +168,11 @@ class QueueStore:
         as it is, so an entry being retried keeps its attempts and due time.
         """
         requests = [
-            UpdateOne({"_id": entry.id}, {"$setOnInsert": to_document(entry)}, upsert=True)
+            UpdateOne(
+                {"_id": entry.id},
+                {"$setOnInsert": {**to_document(entry), QUEUED_BY: self.instance_id}},
+                upsert=True,
+            )
             for entry in entries
         ]
         if not requests:
@@ -181,6 +187,28 @@ class QueueStore:
                 raise
             upserted = {u["index"]: u["_id"] for u in exc.details.get("upserted", [])}
         return {str(key) for key in upserted.values()}
+
+    def others_changes(self) -> list[Doc]:
+        """A change-stream pipeline leaving out this instance's own inserts and leases.
+
+        The instance applied those to its schedule when it wrote them; echoed back
+        they cost a lookup each, and an insert echoed after its entry was delivered
+        and deleted would put it back in the schedule, for a refused lease later.
+        """
+        mine = {"$ne": self.instance_id}
+        # Written as $or of $ne: mongod 6.0 rejects the equivalent $nor when it
+        # rewrites a change-stream filter ("$nor must be a nonempty array").
+        return [
+            {
+                "$match": {
+                    "$or": [
+                        {"operationType": {"$nin": ["insert", "update"]}},
+                        {"operationType": "insert", f"fullDocument.{QUEUED_BY}": mine},
+                        {"operationType": "update", "updateDescription.updatedFields.owner": mine},
+                    ]
+                }
+            }
+        ]
 
     async def lease(self, key: str, now: float, until: float) -> Doc | None:
         """Take the entry if it is due and not held by another live instance."""
