@@ -113,11 +113,12 @@ def _rocketchat_indexes(db: Any) -> None:
 # --- timing the inserts -----------------------------------------------------------
 
 
-async def insert_all(client: AsyncMongoClient[Doc], messages: Sequence[Doc]) -> dict[str, float]:
+async def insert_all(
+    client: AsyncMongoClient[Doc], messages: Sequence[Doc], inserted: dict[str, float]
+) -> dict[str, float]:
     """Insert one at a time from WRITERS tasks, as fast as they go; insert time per mid.
 
     Each message's `ts` is set just before its insert, so it is never "old"."""
-    inserted: dict[str, float] = {}
     pending = iter(messages)
     collection = client[DB][MESSAGES]
 
@@ -153,9 +154,9 @@ async def raw_stream_rate(uri: str, messages: Sequence[Doc]) -> float:
     client: AsyncMongoClient[Doc] = AsyncMongoClient(uri)
     stream = await client[DB][MESSAGES].watch([{"$match": {"operationType": "insert"}}])
     read_at = 0.0
+    inserted: dict[str, float] = {}
     async with anyio.create_task_group() as tg:
-        tg.start_soon(insert_all, client, messages)
-        first = time.time()
+        tg.start_soon(insert_all, client, messages, inserted)
         seen = 0
         async for _ in stream:
             seen += 1
@@ -164,7 +165,7 @@ async def raw_stream_rate(uri: str, messages: Sequence[Doc]) -> float:
                 break
     await stream.close()
     await client.close()
-    return len(messages) / (read_at - first)
+    return len(messages) / (read_at - min(inserted.values()))
 
 
 # --- what reached the gateway -----------------------------------------------------
@@ -207,7 +208,7 @@ class Arrivals:
 
 
 def throughput(uri: str, arrivals: Arrivals, messages: list[Doc]) -> float:
-    inserted = anyio.run(_connected, uri, lambda c: insert_all(c, messages))
+    inserted = anyio.run(_connected, uri, lambda c: insert_all(c, messages, {}))
     arrivals.wait_for(set(inserted), 1, timeout=600)
     last = max(arrivals.first[mid] for mid in inserted)
     return len(messages) / (last - min(inserted.values()))
