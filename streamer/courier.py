@@ -9,12 +9,14 @@ acknowledged is lost.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
 import anyio
 import anyio.abc
 import structlog
+from pymongo.errors import PyMongoError
 
 from streamer.config import Config
 from streamer.delivery.email import Mailer, SmtpServer, email_content
@@ -32,6 +34,7 @@ from streamer.ingest import Ingest
 from streamer.model import Message
 from streamer.queue import Entry, Queue
 from streamer.sources.cache import CachedDirectory
+from streamer.sources.streams import describe
 
 log = structlog.get_logger("streamer.courier")
 #: Concurrent `next_due` callers (see `Courier._take`).
@@ -110,16 +113,29 @@ class Courier:
             ):
                 await self._settle(entry, await self.deliver(entry))
         except anyio.get_cancelled_exc_class():
-            with anyio.CancelScope(shield=True):
-                await self._queue.release(entry)
+            await self._hand_back(entry)
             raise
+        except PyMongoError as exc:
+            # MongoDB away (restart, election): the entry is still ours; try it again.
+            log.warning("delivery_interrupted", error=describe(exc), retry="when MongoDB is back")
+            await self._hand_back(entry)
         except Exception:
             # A bug must not kill the courier or lose the entry: retry it later.
             log.exception("delivery_crashed")
-            with anyio.CancelScope(shield=True):
-                await self._queue.retry(entry, self._clock() + 60, "internal error")
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._queue.retry(entry, self._clock() + 60, "internal error")
+            except PyMongoError:
+                await self._hand_back(entry)
         finally:
             self._finished()
+
+    async def _hand_back(self, entry: Entry) -> None:
+        """Give the entry back to the queue. If MongoDB is away the write fails, but the
+        entry is back in this instance's schedule and its lease is ours: it is retried
+        once MongoDB answers, and the daemon does not stop for an outage."""
+        with anyio.CancelScope(shield=True), contextlib.suppress(PyMongoError):
+            await self._queue.release(entry)
 
     async def deliver(self, entry: Entry) -> Result:
         """Send one entry; a str result is the reason it was dropped instead."""

@@ -253,13 +253,17 @@ class Queue:
 
     async def release(self, entry: Entry) -> None:
         """Give the entry back untouched (its delivery was interrupted, say by shutdown):
-        it stays due, and any instance may take it at once instead of after the lease."""
+        it stays due, and any instance may take it at once instead of after the lease.
+
+        Back in the schedule even when the write fails (MongoDB away): the lease is
+        still ours, so this instance takes the entry again once MongoDB is back.
+        """
         try:
             await self._store.release(entry.id)
         finally:
             self._held.discard(entry.id)
-        self._schedule.put(entry_slot(entry))
-        self._changed_now()
+            self._schedule.put(entry_slot(entry))
+            self._changed_now()
 
     async def drop(self, entry: Entry, reason: str) -> None:
         """The entry will not be sent: it leaves the queue with a reason in the log."""
