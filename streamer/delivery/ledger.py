@@ -87,6 +87,8 @@ class SentLedger:
         self._writes = _GroupCommit(self._records)
         #: Keys claimed by attempts of this process that have not ended yet.
         self._live: set[tuple[str, str, str]] = set()
+        #: Final answers whose mark could not be written (MongoDB away), by key.
+        self._unwritten: dict[tuple[str, str, str], Outcome] = {}
 
     async def ensure_indexes(self) -> None:
         """The TTL index that bounds the ledger; a changed `ttl` is applied in place."""
@@ -106,19 +108,16 @@ class SentLedger:
     ) -> list[Device]:
         """The devices this attempt may push to; the others were pushed before, or are
         being pushed by another attempt in this process. Call `end` when the attempt ends."""
-        devices = [d for d in devices if (uid, mid, d.token) not in self._live]
+        await self._write_answers(uid, mid, devices, now)
+        devices = [
+            d
+            for d in devices
+            if (uid, mid, d.token) not in self._live and (uid, mid, d.token) not in self._unwritten
+        ]
         self._live.update((uid, mid, d.token) for d in devices)
         claimed: list[Device] = []
         try:
-            records: list[Doc] = [
-                {
-                    "_id": _key(uid, mid, d),
-                    "state": SENDING,
-                    "at": _date(now),
-                    "token_id": d.token_id,
-                }
-                for d in devices
-            ]
+            records = [_claim_record(uid, mid, d, now) for d in devices]
             codes = await self._writes.run([InsertOne(record) for record in records])
             taken = [record["_id"] for record, code in zip(records, codes, strict=True) if code]
             unknown = await self._unknown(taken)
@@ -136,10 +135,33 @@ class SentLedger:
     async def finish(
         self, uid: str, mid: str, device: Device, outcome: Outcome, now: float
     ) -> None:
-        """A final answer arrived: never push this message to this device again."""
+        """A final answer arrived: never push this message to this device again.
+
+        If the mark cannot be written, the answer is kept in memory and written by
+        the next `claim` of that push, which skips the device instead of sending
+        it twice: a MongoDB outage costs no duplicate, only a crash does.
+        """
         self.end(uid, mid, [device])
-        update = {"$set": {"state": SENT, "outcome": outcome.value, "at": _date(now)}}
-        await self._writes.run([UpdateOne({"_id": _key(uid, mid, device)}, update)])
+        self._unwritten[(uid, mid, device.token)] = outcome
+        await self._writes.run([_finish_op(uid, mid, device, outcome, now)])
+        self._unwritten.pop((uid, mid, device.token), None)
+
+    async def _write_answers(
+        self, uid: str, mid: str, devices: Sequence[Device], now: float
+    ) -> None:
+        """Write the marks `finish` could not, for the devices about to be claimed."""
+        answered = {
+            d.token: (d, outcome)
+            for d in devices
+            if (outcome := self._unwritten.get((uid, mid, d.token))) is not None
+        }
+        if not answered:
+            return
+        await self._writes.run(
+            [_finish_op(uid, mid, d, outcome, now) for d, outcome in answered.values()]
+        )
+        for token in answered:
+            self._unwritten.pop((uid, mid, token), None)
 
     async def release(self, uid: str, mid: str, device: Device) -> None:
         """A temporary failure: the push did not go out, so a retry may claim it."""
@@ -162,6 +184,20 @@ class SentLedger:
                 action="sent again: at least once per device",
             )
         return tokens
+
+
+def _claim_record(uid: str, mid: str, device: Device, now: float) -> Doc:
+    return {
+        "_id": _key(uid, mid, device),
+        "state": SENDING,
+        "at": _date(now),
+        "token_id": device.token_id,
+    }
+
+
+def _finish_op(uid: str, mid: str, device: Device, outcome: Outcome, now: float) -> UpdateOne:
+    update = {"$set": {"state": SENT, "outcome": outcome.value, "at": _date(now)}}
+    return UpdateOne({"_id": _key(uid, mid, device)}, update)
 
 
 @dataclass
