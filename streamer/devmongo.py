@@ -23,6 +23,8 @@ from pymongo import MongoClient
 from pymongo.errors import OperationFailure, PyMongoError
 
 REPLICA_SET = "rs0"
+#: A set member asked to stop otherwise lingers 15 s (quiesce mode) for clients to move on.
+QUICK_SHUTDOWN = ("--setParameter", "shutdownTimeoutMillisForSignaledShutdown=0")
 #: replSetGetStatus member states.
 PRIMARY, SECONDARY = 1, 2
 
@@ -196,6 +198,10 @@ class DevReplicaSet:
         raise DevMongoUnavailable("the replica set has no primary")
 
     def stop(self) -> None:
+        """Stop every member at once rather than one after another."""
+        for member in self.members:
+            if member.process.poll() is None:
+                member.process.terminate()
         for member in self.members:
             member.stop()
 
@@ -213,7 +219,10 @@ def start_replica_set(n: int = 3, timeout: float = 90.0) -> DevReplicaSet:
         for index, port in enumerate(ports):
             dbpath = root / f"member{index}"
             dbpath.mkdir()
-            members.append(DevMongo(process=_spawn(port, dbpath, ()), port=port, dbpath=dbpath))
+            process = _spawn(port, dbpath, QUICK_SHUTDOWN)
+            members.append(
+                DevMongo(process=process, port=port, dbpath=dbpath, extra_args=QUICK_SHUTDOWN)
+            )
         _initiate_set(ports, timeout)
         replica_set = DevReplicaSet(members)
         _wait_set_primary(replica_set.uri, timeout)
