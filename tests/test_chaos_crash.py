@@ -18,7 +18,7 @@ from pymongo.database import Database
 
 from tests.daemon import Daemon, wait_until
 from tests.servers import Reply, StubApp, serve_http
-from tests.world import GCM, Doc, World, pushes_by_key, write_config
+from tests.world import GCM, Doc, World, pushes_by_key, settled, write_config
 
 SEED = 20261123
 KILLS = 5
@@ -80,11 +80,6 @@ def test_kill_9_at_random_points_of_a_burst_loses_no_push(
     # whose answer was not yet recorded when the process died is sent again.
     assert set(duplicates) <= resent, "a duplicate outside the ledger's window"
     assert max(duplicates.values(), default=1) <= 1 + KILLS
-
-
-def settled(db: Database[Doc], total: int) -> bool:
-    """Every push has a ledger record and the queue is empty: nothing more will be sent."""
-    return db.streamer_sent.count_documents({}) >= total and not db.streamer_queue.find_one()
 
 
 def start(config: Path) -> Daemon:

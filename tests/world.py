@@ -81,6 +81,11 @@ def pushes_by_key(requests: list[Recorded]) -> Counter[tuple[str, str]]:
     )
 
 
+def settled(db: Database[Doc], total: int) -> bool:
+    """Every push has a ledger record and the queue is empty: nothing more will be sent."""
+    return db.streamer_sent.count_documents({}) >= total and not db.streamer_queue.find_one()
+
+
 def write_config(
     path: Path,
     mongo_uri: str,
