@@ -60,6 +60,13 @@ class Burst:
     def readyz(self) -> str:
         return f"http://{self.daemon.logs('started')[0]['http']}/readyz"
 
+    def running(self) -> bool:
+        return self.daemon.process is not None and self.daemon.process.poll() is None
+
+    def mid_burst(self) -> bool:
+        """Some pushes of the messages said so far went out, not all of them."""
+        return 0 < len(self.stub.received(GCM)) < len(self.expected())
+
     def say(self, count: int) -> None:
         start = len(self.mids)
         self.mids += [
@@ -88,10 +95,10 @@ class Burst:
     def close(self) -> None:
         log = self.tmp_path / "daemon.log"
         log.write_text("\n".join(self.daemon.raw))
-        print(
-            f"daemon log: {log}, exit code {self.daemon.process and self.daemon.process.poll()}"
-        )  # shown by pytest when the test failed
-        if self.daemon.process is not None and self.daemon.process.poll() is None:
+        assert self.daemon.process is not None
+        exit_code = self.daemon.process.poll()
+        print(f"daemon log: {log}; exit code {exit_code}")  # shown by pytest on failure
+        if exit_code is None:
             self.daemon.kill()
         self.client.close()
 
@@ -110,6 +117,13 @@ def mongo_down(url: str) -> bool:
     return status == 503 and report["components"]["mongo"]["ready"] is False
 
 
+def outage_over(burst: Burst, since: float) -> bool:
+    """Polled while mongod is down: the daemon runs and says it is not ready, every time."""
+    assert burst.running(), "the daemon exited while MongoDB was down"
+    assert mongo_down(burst.readyz), "/readyz did not blame MongoDB while it was down"
+    return time.monotonic() - since >= OUTAGE
+
+
 def test_mongod_stopped_for_ten_seconds_mid_burst_loses_nothing(
     tmp_path: Path, gateway: tuple[StubApp, str]
 ) -> None:
@@ -121,9 +135,9 @@ def test_mongod_stopped_for_ten_seconds_mid_burst_loses_nothing(
             stub.wait_for(200, GCM, timeout=60)
             server.stop()
             down_at = time.monotonic()
+            assert burst.mid_burst(), "the burst was over before mongod stopped"
             wait_until(lambda: mongo_down(burst.readyz), 30, lambda: "/readyz: mongo not ready")
-            wait_until(lambda: time.monotonic() - down_at >= OUTAGE, OUTAGE + 5)
-            assert burst.daemon.process is not None and burst.daemon.process.poll() is None
+            wait_until(lambda: outage_over(burst, down_at), OUTAGE + 5)
             server.restart()
             wait_until(lambda: ready(burst.readyz)[0] == 200, 60, lambda: "/readyz 200 again")
             burst.say(MESSAGES - MESSAGES // 2)
@@ -144,11 +158,11 @@ def test_primary_step_down_mid_burst_loses_nothing(
             stub.wait_for(200, GCM, timeout=60)
             old = replica_set.primary()
             step_down(old)
+            assert burst.mid_burst(), "the burst was over before the step-down"
             new = replica_set.primary()
             assert new.port != old.port
             burst.say(MESSAGES - MESSAGES // 2)  # written to the new primary
             burst.settle()
-            assert burst.daemon.process is not None and burst.daemon.process.poll() is None
             assert burst.daemon.terminate() == 0
         finally:
             burst.close()
