@@ -26,6 +26,7 @@ from typing import Any
 
 import anyio
 import httpx
+import pymongo
 import structlog
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
@@ -205,10 +206,13 @@ class Daemon:
             await anyio.sleep(HEALTH_INTERVAL)
 
     async def _check_mongo(self) -> None:
+        """Ping with pymongo's own deadline, never by cancelling: a task cancelled while
+        pymongo waits in server selection breaks its topology lock ("Lock is not
+        acquired", PYTHON-5167) for every other operation, and the daemon with it."""
         try:
-            with anyio.fail_after(HEALTH_INTERVAL * 2):
+            with pymongo.timeout(HEALTH_INTERVAL * 2):
                 await self.db.client.admin.command("ping")
-        except (PyMongoError, TimeoutError) as exc:
+        except PyMongoError as exc:
             self.health.set_failed("mongo", f"MongoDB unreachable: {type(exc).__name__}")
         else:
             self.health.set_ready("mongo")

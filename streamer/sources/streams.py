@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import pymongo
 import structlog
 from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.asynchronous.database import AsyncDatabase
@@ -358,10 +359,17 @@ async def next_batch(changes: AsyncChangeStream[Doc]) -> list[Change]:
 
 
 async def _close(changes: AsyncChangeStream[Doc]) -> None:
-    """Close even while being cancelled, so the server-side cursor is not left behind."""
-    with anyio.move_on_after(CLOSE_TIMEOUT, shield=True):
-        with contextlib.suppress(PyMongoError):
-            await changes.close()
+    """Close even while being cancelled, so the server-side cursor is not left behind.
+
+    Bounded by pymongo's own deadline rather than a cancel scope: cancelling pymongo
+    while it waits for a server (MongoDB down) breaks its topology lock (PYTHON-5167).
+    """
+    with (
+        anyio.CancelScope(shield=True),
+        pymongo.timeout(CLOSE_TIMEOUT),
+        contextlib.suppress(PyMongoError),
+    ):
+        await changes.close()
 
 
 def describe(exc: BaseException | None) -> str:
