@@ -5,6 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import OperationFailure
 
 from streamer.delivery.base import Device
 from streamer.delivery.errors import Outcome
@@ -98,3 +99,19 @@ async def test_a_claim_is_not_taken_over_while_its_attempt_runs_but_after_it_end
     assert await ledger.claim("u1", "m1", [PHONE], NOW) == []
     ledger.end("u1", "m1", [PHONE])  # say its release failed: MongoDB was down
     assert await ledger.claim("u1", "m1", [PHONE], NOW) == [PHONE]
+
+
+@pytest.mark.anyio
+async def test_an_answer_whose_mark_failed_is_written_by_the_next_claim_not_pushed_again(
+    db: AsyncDatabase[Doc],
+) -> None:
+    ledger = SentLedger(db)
+    await ledger.claim("u1", "m1", [PHONE], NOW)
+    # MongoDB refuses the mark (as it would while unreachable): the answer stays in memory.
+    await db.command("collMod", SENT_LEDGER, validator={"state": "sending"})
+    with pytest.raises(OperationFailure):
+        await ledger.finish("u1", "m1", PHONE, Outcome.SENT, NOW)
+    await db.command("collMod", SENT_LEDGER, validator={})
+    assert await ledger.claim("u1", "m1", [PHONE], NOW) == []
+    record = await db[SENT_LEDGER].find_one({"_id.token": PHONE.token})
+    assert record is not None and (record["state"], record["outcome"]) == ("sent", "sent")
