@@ -33,8 +33,8 @@ from pymongo import MongoClient
 from streamer import devmongo
 from tests import factories as f
 from tests.daemon import Daemon, wait_until
-from tests.servers import serve_http
-from tests.test_e2e import World, write_config
+from tests.servers import lifespan, read_body, serve_http
+from tests.world import World, write_config
 
 Doc = dict[str, Any]
 Scope = dict[str, Any]
@@ -55,17 +55,9 @@ class FlappingGateway:
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                phase = (await receive())["type"]  # lifespan.startup / lifespan.shutdown
-                await send({"type": f"{phase}.complete"})
-                if phase == "lifespan.shutdown":
-                    return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+            await lifespan(receive, send)
+            return
+        body = await read_body(receive)
         with self._lock:
             self.requests += 1
             fault = None if self._up() else self._random.choice(["500", "429", "drop"])

@@ -90,14 +90,9 @@ class StubApp:
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         with self._lock:
             self.requests.append(
@@ -114,7 +109,18 @@ class StubApp:
         await send({"type": "http.response.body", "body": payload})
 
 
-async def _lifespan(receive: Any, send: Any) -> None:
+async def read_body(receive: Any) -> bytes:
+    """The whole request body of an ASGI http scope."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
+async def lifespan(receive: Any, send: Any) -> None:
+    """Answer an ASGI lifespan scope: the stand-ins need no start-up or shutdown work."""
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":

@@ -26,8 +26,8 @@ from pymongo.database import Database
 
 from tests import factories as f
 from tests.daemon import Daemon, wait_until
-from tests.servers import serve_http
-from tests.test_e2e import World, write_config
+from tests.servers import lifespan, read_body, serve_http
+from tests.world import World, write_config
 
 Doc = dict[str, Any]
 Scope = dict[str, Any]
@@ -82,15 +82,9 @@ class ChaosGateway:
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        push = orjson.loads(body)
+        push = orjson.loads(await read_body(receive))
         fault = self._pick(push["token"])
         await self._answer(fault, push, send)
 
@@ -111,16 +105,6 @@ class ChaosGateway:
             with self._lock:
                 self.delivered[(push["token"], push["options"]["payload"]["messageId"])] += 1
         await send({"type": "http.response.body", "body": fault.body})
-
-
-async def _lifespan(receive: Any, send: Any) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 @pytest.fixture

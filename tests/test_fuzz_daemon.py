@@ -25,7 +25,7 @@ from pymongo.database import Database
 from tests import factories as f
 from tests.daemon import Daemon, wait_until
 from tests.servers import StubApp, serve_http
-from tests.test_e2e import GCM, World, write_config
+from tests.world import GCM, World, write_config
 
 Doc = dict[str, Any]
 DELETE = object()

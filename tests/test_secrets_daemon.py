@@ -26,8 +26,8 @@ from tests import securemongo
 from tests.daemon import Daemon, wait_until
 from tests.securemongo import SecureMongo
 from tests.servers import Reply, StubApp, serve_http
-from tests.test_e2e import GCM, World, write_config
 from tests.test_security import Sink
+from tests.world import GCM, World, write_config
 
 Doc = dict[str, Any]
 WORKSPACE_TOKEN = "wst-" + secrets.token_urlsafe(24)
