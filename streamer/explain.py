@@ -16,7 +16,6 @@ from typing import Any, TextIO
 
 import anyio
 from pymongo import AsyncMongoClient
-from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
 from streamer.config import Config, override_settings
@@ -25,7 +24,7 @@ from streamer.directory import DatabaseDirectory, Directory
 from streamer.model import Message, Room, Settings, User
 from streamer.queue.policy import due_at
 from streamer.rules import Decision, Reason
-from streamer.sources.cache import AWAY_PREFIX
+from streamer.sources.cache import load_away_since
 
 Doc = dict[str, Any]
 #: Seconds to wait for MongoDB before giving up, unless the URI says otherwise.
@@ -56,7 +55,7 @@ async def _explain_live(config: Config, message_id: str, user: str | None, out: 
     client: AsyncMongoClient[Doc] = AsyncMongoClient(config.mongo.uri, **options)
     try:
         db = client[config.mongo.database]
-        away = await _away_since(db[config.mongo.state_collection])
+        away = await load_away_since(db[config.mongo.state_collection])
         await explain(
             DatabaseDirectory(db), message_id, config, out, user=user, now=time.time(), away=away
         )
@@ -120,16 +119,6 @@ def _headline(message: Message, room: Room | None) -> str:
     thread = f", thread {message.tmid}" if message.tmid else ""
     sender = message.sender.username or message.sender.id
     return f"message {message.id} in {where}{thread} from {sender} at {at}\n"
-
-
-async def _away_since(state: AsyncCollection[Doc]) -> dict[str, float]:
-    """The "away since" instants the daemon persisted (see `sources.cache`)."""
-    cursor = state.find({"_id": {"$regex": f"^{AWAY_PREFIX}"}})
-    return {
-        doc["_id"][len(AWAY_PREFIX) :]: float(doc["since"])
-        async for doc in cursor
-        if isinstance(doc.get("since"), int | float)
-    }
 
 
 def _recipient(
