@@ -15,7 +15,7 @@ import structlog
 from streamer.config import Config, override_settings
 from streamer.decisions import decide_message, recheck
 from streamer.model import Message, Settings
-from streamer.queue import Entry, Queue
+from streamer.queue import Entry, Kind, Queue
 from streamer.queue.policy import due_at
 from streamer.rules import Decision
 from streamer.sources.cache import CachedDirectory
@@ -93,20 +93,21 @@ class Ingest:
         ]
 
     @staticmethod
-    def _kinds(decision: Decision) -> list[str]:
+    def _kinds(decision: Decision) -> list[Kind]:
         """The rules already said no email when `[email] enabled = false`."""
-        return [
-            kind for kind, wanted in (("push", decision.push), ("email", decision.email)) if wanted
-        ]
+        kinds: list[Kind] = ["push"] if decision.push else []
+        if decision.email:
+            kinds.append("email")
+        return kinds
 
     def _entry(
-        self, decision: Decision, kind: str, message: Message, settings: Settings, now: float
+        self, decision: Decision, kind: Kind, message: Message, settings: Settings, now: float
     ) -> Entry:
         return Entry(
             uid=decision.uid,
             rid=decision.rid,
             mid=decision.mid,
-            kind=kind,  # type: ignore[arg-type]
+            kind=kind,
             due_at=due_at(
                 decision.status,
                 now,
