@@ -12,6 +12,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.database import Database
 
 from streamer import devmongo
+from tests.servers import StubApp, serve_http
 
 Doc = dict[str, object]
 
@@ -58,3 +59,15 @@ async def db(mongo: AsyncMongoClient[Doc], db_name: str) -> AsyncDatabase[Doc]:
 def sync_db(mongo_uri: str, db_name: str) -> Iterator[Database[Doc]]:
     with MongoClient(mongo_uri) as client:
         yield client[db_name]
+
+
+@pytest.fixture
+def stub() -> StubApp:
+    """A recording stand-in gateway; script its replies per test."""
+    return StubApp()
+
+
+@pytest.fixture
+def gateway_url(stub: StubApp) -> Iterator[str]:
+    with serve_http(stub) as url:
+        yield url

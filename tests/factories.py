@@ -10,6 +10,8 @@ import datetime as dt
 import itertools
 from typing import Any
 
+from streamer.delivery.base import PushContent
+
 Doc = dict[str, Any]
 _ids = itertools.count(1)
 
@@ -118,3 +120,19 @@ def default_settings(**overrides: Any) -> list[Doc]:
     }
     values.update(overrides)
     return [setting(k, v) for k, v in values.items()]
+
+
+def push_content(**fields: Any) -> PushContent:
+    """A provider-neutral push, as `build_push_content` makes them, for the pushkin tests."""
+    mid, rid = fields.pop("mid", "m1"), fields.pop("rid", "GENERAL")
+    values: Doc = {
+        "uid": "u-bob",
+        "title": "#general",
+        "text": "alice: hello",
+        "badge": 1,
+        "not_id": 1666299236,
+        "created_at": 1_800_000_000.0,
+        "payload": {"host": "https://chat.example.org/", "messageId": mid, "rid": rid},
+    }
+    values.update(fields)
+    return PushContent(mid=mid, rid=rid, **values)

@@ -15,8 +15,9 @@ from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 
 from streamer.config import ApnsConfig, ConfigError
 from streamer.delivery.apns import PRODUCTION_URL, SANDBOX_URL, ApnsPushkin
-from streamer.delivery.base import Device, PushContent
+from streamer.delivery.base import Device
 from streamer.delivery.errors import CredentialsError, Outcome, TemporaryDeliveryError
+from tests import factories
 from tests.credentials import ManualClock, write_apns_key
 from tests.servers import Recorded, Reply, StubApp, serve_http2
 
@@ -26,15 +27,11 @@ KEY_ID = "ABC123DEFG"
 TEAM_ID = "TEAM123456"
 DEVICE = Device(token_id="tok-9", kind="apn", token="a1b2c3d4", app_name="chat.rocket.ios")
 DEVICE_PATH = "/3/device/a1b2c3d4"
-CONTENT = PushContent(
-    uid="u-bob",
-    rid="GENERAL",
+CONTENT = factories.push_content(
     mid="m-42",
     title="general",
     text="alice: lunch?",
     badge=3,
-    not_id=1666299236,
-    created_at=1_800_000_000.0,
     payload={"host": "https://chat.example.org", "rid": "GENERAL", "messageId": "m-42"},
     category="MESSAGE_NOREPLY",
 )

@@ -14,11 +14,12 @@ import jwt
 import pytest
 
 from streamer.config import ConfigError, DeliveryConfig, FcmConfig
-from streamer.delivery.base import Device, PushContent
+from streamer.delivery.base import Device
 from streamer.delivery.errors import CredentialsError, Outcome, TemporaryDeliveryError
 from streamer.delivery.fcm import FCM_SCOPE, JWT_BEARER_GRANT, FcmPushkin
 from streamer.delivery.http import make_http_client
 from streamer.devmongo import free_port
+from tests import factories
 from tests.credentials import (
     SERVICE_ACCOUNT_EMAIL,
     SERVICE_ACCOUNT_KEY_ID,
@@ -31,15 +32,11 @@ pytestmark = pytest.mark.anyio
 
 SEND_PATH = "/v1/projects/demo-project/messages:send"
 TOKEN_PATH = "/token"
-CONTENT = PushContent(
-    uid="u-bob",
-    rid="GENERAL",
+CONTENT = factories.push_content(
     mid="m-42",
     title="general",
     text="alice: lunch?",
     badge=3,
-    not_id=1666299236,
-    created_at=1_800_000_000.0,
     payload={"host": "https://chat.example.org", "rid": "GENERAL", "messageId": "m-42"},
 )
 DEVICE = Device(token_id="tok-1", kind="gcm", token="fcm-device-token", app_name="chat.example")

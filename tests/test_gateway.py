@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
 from streamer.config import DeliveryConfig
-from streamer.delivery.base import Device, PushContent
+from streamer.delivery.base import Device
 from streamer.delivery.errors import CredentialsError, Outcome, TemporaryDeliveryError
 from streamer.delivery.gateway import RECHECK, GatewayPushkin, WorkspaceToken
 from streamer.delivery.http import make_http_client
@@ -18,7 +18,7 @@ from streamer.delivery.payload import gateway_body
 from streamer.devmongo import free_port
 from streamer.model import SETTINGS, WORKSPACE_CREDENTIALS
 from tests import factories
-from tests.servers import Reply, StubApp, serve_http
+from tests.servers import Reply, StubApp
 
 Doc = dict[str, object]
 NOW = 1_700_000_000.0
@@ -26,16 +26,8 @@ IPHONE = Device(token_id="t-ios", kind="apn", token="apn-token-1", app_name="cha
 ANDROID = Device(
     token_id="t-android", kind="gcm", token="gcm-token-1", app_name="chat.rocket.android"
 )
-CONTENT = PushContent(
-    uid="u-bob",
-    rid="GENERAL",
-    mid="m1",
-    title="#general",
-    text="alice: hello",
-    badge=1,
-    not_id=1666299236,
+CONTENT = factories.push_content(
     created_at=NOW,
-    payload={"host": "https://chat.example.org/", "messageId": "m1", "rid": "GENERAL"},
     unique_id="abc123",
     image="https://chat.example.org/assets/favicon_192.png",
 )
@@ -65,17 +57,6 @@ async def store_workspace_token(
         {"_id": "cred", "scope": "", "accessToken": token, "expirationDate": expires},
         upsert=True,
     )
-
-
-@pytest.fixture
-def stub() -> StubApp:
-    return StubApp()
-
-
-@pytest.fixture
-def gateway_url(stub: StubApp) -> Iterator[str]:
-    with serve_http(stub) as url:
-        yield url
 
 
 @pytest.fixture

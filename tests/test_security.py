@@ -40,7 +40,7 @@ from streamer.config import (
     load_config,
 )
 from streamer.delivery.apns import ApnsPushkin
-from streamer.delivery.base import Device, PushContent
+from streamer.delivery.base import Device
 from streamer.delivery.email import EmailContent, Mailer, SmtpServer
 from streamer.delivery.errors import Outcome
 from streamer.delivery.fcm import FcmPushkin
@@ -305,17 +305,7 @@ def test_http_endpoint_binds_to_loopback_by_default() -> None:
 WORKSPACE_TOKEN = "workspace-" + secrets.token_hex(8)
 SMTP_SECRET = "smtp-setting-" + secrets.token_hex(8)
 DEVICE = Device(token_id="t-android", kind="gcm", token="gcm-token-1", app_name="chat.rocket")
-PUSH = PushContent(
-    uid="u-bob",
-    rid="GENERAL",
-    mid="m1",
-    title="#general",
-    text="alice: hello",
-    badge=1,
-    not_id=1666299236,
-    created_at=1_800_000_000.0,
-    payload={"host": "https://chat.example.org/", "messageId": "m1", "rid": "GENERAL"},
-)
+PUSH = factories.push_content()
 
 
 async def attempt(delivery: Awaitable[object]) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import anyio
 import httpx
@@ -29,7 +29,7 @@ from streamer.delivery.sender import (
 )
 from streamer.model import PUSH_TOKENS, PushToken
 from tests import factories
-from tests.servers import Reply, StubApp, serve_http
+from tests.servers import Reply, StubApp
 from tests.test_gateway import CONTENT, NOW, Clock, store_workspace_token
 
 Doc = dict[str, object]
@@ -39,17 +39,6 @@ CONFIG = DeliveryConfig(
 ALICE = factories.user("alice")
 FIRST = Attempts(0, None)
 MakeSender = Callable[[], PushSender]
-
-
-@pytest.fixture
-def stub() -> StubApp:
-    return StubApp()
-
-
-@pytest.fixture
-def gateway_url(stub: StubApp) -> Iterator[str]:
-    with serve_http(stub) as url:
-        yield url
 
 
 @pytest.fixture
