@@ -27,7 +27,7 @@ A timeout is retried likewise although the provider may have accepted: it
 is far more common than a crash, and giving up on every slow answer would
 lose pushes routinely. These two are the documented duplicate windows.
 
-Writes go to MongoDB in groups (`_GroupCommit`): while one bulk write is in
+Writes go to MongoDB in groups (`GroupCommit`): while one bulk write is in
 flight the next claims and marks gather, so the ledger costs a round trip per
 batch rather than two per push — without it the ledger, not the provider,
 limits throughput (see `python -m bench.delivery`).
@@ -43,29 +43,25 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 import structlog
 from pymongo import DeleteOne, InsertOne, UpdateOne, WriteConcern
-from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, OperationFailure
+from pymongo.errors import OperationFailure
 
 from streamer.delivery.base import Device
 from streamer.delivery.errors import Outcome
+from streamer.groupcommit import GroupCommit
 
 log = structlog.get_logger("streamer.delivery.ledger")
 Doc = dict[str, Any]
-WriteOp = InsertOne[Doc] | UpdateOne | DeleteOne
 
 SENT_LEDGER = "streamer_sent"
 #: Records outlive any retry: the queue keeps an entry 2 h and gives up after 1 h.
 DEFAULT_TTL = 86_400.0
 SENDING = "sending"
 SENT = "sent"
-DUPLICATE_KEY = 11000
 INDEX_OPTIONS_CONFLICT = 85
 PRIMARY_ACKNOWLEDGED = WriteConcern(w=1)
 
@@ -84,7 +80,7 @@ class SentLedger:
     ) -> None:
         self._records = db.get_collection(collection, write_concern=PRIMARY_ACKNOWLEDGED)
         self._ttl = int(ttl)
-        self._writes = _GroupCommit(self._records)
+        self._writes = GroupCommit(self._records)
         #: Keys claimed by attempts of this process that have not ended yet.
         self._live: set[tuple[str, str, str]] = set()
         #: Final answers whose mark could not be written (MongoDB away), by key.
@@ -198,72 +194,3 @@ def _claim_record(uid: str, mid: str, device: Device, now: float) -> Doc:
 def _finish_op(uid: str, mid: str, device: Device, outcome: Outcome, now: float) -> UpdateOne:
     update = {"$set": {"state": SENT, "outcome": outcome.value, "at": _date(now)}}
     return UpdateOne({"_id": _key(uid, mid, device)}, update)
-
-
-@dataclass
-class _Pending:
-    ops: list[WriteOp]
-    #: Per op: None, or the duplicate-key code when an insert found its record.
-    codes: list[int | None] = field(default_factory=list)
-    failure: BaseException | None = None
-    done: bool = False
-
-
-class _GroupCommit:
-    """Many callers' small writes as one unordered bulk write (a group commit).
-
-    Each caller queues its ops and takes the lock; whoever holds it writes
-    everything queued so far, so callers that arrive during a write share the
-    next one. No background task, no timer: an idle ledger writes at once.
-    """
-
-    def __init__(self, records: AsyncCollection[Doc]) -> None:
-        self._records = records
-        self._queued: list[_Pending] = []
-        self._lock = anyio.Lock()
-
-    async def run(self, ops: list[WriteOp]) -> list[int | None]:
-        if not ops:
-            return []
-        mine = _Pending(ops)
-        self._queued.append(mine)
-        async with self._lock:
-            if not mine.done:
-                batch, self._queued = self._queued, []
-                await self._write(batch)
-        if mine.failure is not None:
-            raise mine.failure
-        return mine.codes
-
-    async def _write(self, batch: list[_Pending]) -> None:
-        ops = [op for pending in batch for op in pending.ops]
-        codes: dict[int, int] = {}
-        failure: BaseException | None = None
-        try:
-            await self._records.bulk_write(ops, ordered=False)
-        except BulkWriteError as exc:
-            codes = {int(e["index"]): int(e["code"]) for e in exc.details.get("writeErrors", [])}
-            if exc.details.get("writeConcernErrors"):
-                failure = exc
-        except Exception as exc:
-            failure = exc
-            raise
-        except BaseException:  # cancelled: the others must not wait for this write forever
-            failure = OperationFailure("ledger write was cancelled")
-            raise
-        finally:
-            _settle(batch, codes, failure)
-
-
-def _settle(batch: list[_Pending], codes: dict[int, int], failure: BaseException | None) -> None:
-    """Hand each caller its ops' results; any error but a duplicate claim is a failure."""
-    index = 0
-    for pending in batch:
-        pending.codes = [codes.get(i) for i in range(index, index + len(pending.ops))]
-        index += len(pending.ops)
-        errors = [c for c in pending.codes if c is not None and c != DUPLICATE_KEY]
-        if failure is not None:
-            pending.failure = failure
-        elif errors:
-            pending.failure = OperationFailure(f"ledger write failed (code {errors[0]})", errors[0])
-        pending.done = True
