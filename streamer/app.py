@@ -130,7 +130,6 @@ class Daemon:
             self.db[config.mongo.queue_collection],
             config.queue,
             instance_id=self.instance_id,
-            recheck=lambda entry: self.ingest.recheck(entry),
         )
         await self.queue.load()
         self.ingest = Ingest(self.directory, self.queue, config)

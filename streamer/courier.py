@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import anyio
 import anyio.abc
@@ -33,14 +34,28 @@ from streamer.delivery.sender import (
 from streamer.ingest import Ingest
 from streamer.model import Message
 from streamer.queue import Entry, Queue
+from streamer.rules import Reason
 from streamer.sources.cache import CachedDirectory
 from streamer.sources.streams import describe
 
 log = structlog.get_logger("streamer.courier")
-#: Concurrent `next_due` callers (see `Courier._take`).
-TAKERS = 16
+#: Concurrent takers: while one waits for its batch's lease and lookups, the other leases.
+TAKERS = 2
+#: Most entries leased and looked up together.
+TAKE_BATCH = 100
+#: Pause after MongoDB failed a batch's lookups, before leasing again.
+RETRY_DELAY = 1.0
 
 Result = Delivered | RetryAt | GivenUp | str
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """What a batch of due entries needs from MongoDB, read once for all of them:
+    per push, the message and the badge would otherwise be two round trips each."""
+
+    messages: dict[str, Message]
+    badges: dict[str, int]
 
 
 class Courier:
@@ -59,8 +74,8 @@ class Courier:
         self._ingest = ingest
         self._config = config
         self._clock = clock
-        self._slots = anyio.Semaphore(config.delivery.concurrency)
         self._in_flight = 0
+        self._freed = anyio.Event()
         self._idle = anyio.Event()
         self._idle.set()
 
@@ -69,22 +84,61 @@ class Courier:
         async with anyio.create_task_group() as deliveries:
             async with anyio.create_task_group() as takers:
                 takers.start_soon(_cancel_when_set, shutdown, takers.cancel_scope)
-                for _ in range(min(TAKERS, self._config.delivery.concurrency)):
+                for _ in range(TAKERS):
                     takers.start_soon(self._take, deliveries)
             await self._drain(deliveries.cancel_scope)
 
     async def _take(self, deliveries: anyio.abc.TaskGroup) -> None:
-        """One of several takers: each lease is a database round-trip, so one taker alone
-        would cap delivery at a few hundred entries a second."""
+        """Lease due entries in batches as delivery slots free up, and start each."""
         while True:
-            await self._slots.acquire()
+            reserved = await self._reserve()
+            entries: list[Entry] = []
             try:
-                entry = await self._queue.next_due()
-            except BaseException:
-                self._slots.release()
+                entries = await self._queue.next_due(reserved)
+            finally:
+                self._finished(reserved - len(entries))
+            batch = await self._look_up(entries)
+            if batch is None:
+                continue
+            for entry in entries:
+                deliveries.start_soon(self._deliver_one, entry, batch)
+
+    async def _reserve(self) -> int:
+        """Wait for a free slot of `[delivery] concurrency`; take up to a batch of them."""
+        concurrency = self._config.delivery.concurrency
+        while self._in_flight >= concurrency:
+            await self._freed.wait()
+        reserved = min(TAKE_BATCH, concurrency - self._in_flight)
+        if self._in_flight == 0:
+            self._idle = anyio.Event()
+        self._in_flight += reserved
+        return reserved
+
+    def _finished(self, count: int = 1) -> None:
+        if not count:
+            return
+        self._in_flight -= count
+        self._freed.set()
+        self._freed = anyio.Event()
+        if self._in_flight == 0:
+            self._idle.set()
+
+    async def _look_up(self, entries: list[Entry]) -> _Batch | None:
+        """The batch's messages and badges; None if MongoDB failed (then the entries are
+        handed back and taken again after a pause)."""
+        try:
+            messages = await self._directory.messages({entry.mid for entry in entries})
+            badges = await self._directory.badges({e.uid for e in entries if e.kind == "push"})
+            return _Batch(messages, badges)
+        except BaseException as exc:
+            for entry in entries:
+                await self._hand_back(entry)
+            self._finished(len(entries))
+            if not isinstance(exc, PyMongoError):
                 raise
-            self._started()
-            deliveries.start_soon(self._deliver_one, entry)
+            log.warning("delivery_interrupted", error=describe(exc), retry="when MongoDB is back")
+            await anyio.sleep(RETRY_DELAY)
+            return None
 
     async def _drain(self, deliveries: anyio.CancelScope) -> None:
         grace = self._config.app.shutdown_grace
@@ -95,23 +149,12 @@ class Courier:
             log.warning("drain_grace_expired", requeued=self._in_flight)
         deliveries.cancel()
 
-    def _started(self) -> None:
-        if self._in_flight == 0:
-            self._idle = anyio.Event()
-        self._in_flight += 1
-
-    def _finished(self) -> None:
-        self._in_flight -= 1
-        self._slots.release()
-        if self._in_flight == 0:
-            self._idle.set()
-
-    async def _deliver_one(self, entry: Entry) -> None:
+    async def _deliver_one(self, entry: Entry, batch: _Batch) -> None:
         try:
             with structlog.contextvars.bound_contextvars(
                 uid=entry.uid, rid=entry.rid, mid=entry.mid, kind=entry.kind
             ):
-                await self._settle(entry, await self.deliver(entry))
+                await self._settle(entry, await self.deliver(entry, batch))
         except anyio.get_cancelled_exc_class():
             await self._hand_back(entry)
             raise
@@ -137,16 +180,19 @@ class Courier:
         with anyio.CancelScope(shield=True), contextlib.suppress(PyMongoError):
             await self._queue.release(entry)
 
-    async def deliver(self, entry: Entry) -> Result:
-        """Send one entry; a str result is the reason it was dropped instead."""
-        message = await self._directory.message(entry.mid)
+    async def deliver(self, entry: Entry, batch: _Batch) -> Result:
+        """Send one entry if the rules still want it; a str result is why it was dropped."""
+        message = batch.messages.get(entry.mid)
         if message is None:
-            return "message_deleted"
+            return Reason.MESSAGE_DELETED.code
+        reason = await self._ingest.recheck(entry, message)
+        if reason is not None:
+            return reason
         if entry.kind == "email":
             return await self._email(entry, message)
-        return await self._push(entry, message)
+        return await self._push(entry, message, batch.badges.get(entry.uid, 0))
 
-    async def _push(self, entry: Entry, message: Message) -> Result:
+    async def _push(self, entry: Entry, message: Message, badge: int) -> Result:
         settings = await self._ingest.settings()
         users = await self._directory.users({entry.uid, message.sender.id})
         recipient = users.get(entry.uid)
@@ -160,7 +206,7 @@ class Courier:
             await self._directory.room(entry.rid),
             recipient,
             settings,
-            badge=await self._directory.badge(entry.uid),
+            badge=badge,
             now=self._clock(),
             sender=users.get(message.sender.id),
         )

@@ -128,7 +128,7 @@ async def _check_devices(
 async def recheck(
     directory: Directory,
     uid: str,
-    mid: str,
+    message: Message,
     kind: Literal["push", "email"],
     settings: Settings,
     config: Config,
@@ -136,29 +136,29 @@ async def recheck(
 ) -> Reason | None:
     """At fire time: None if the notification should still go out, else why to drop it.
 
+    `message` is the message as read now: the caller reads it, once for a whole
+    batch of due entries, and sends that same copy (a deleted one is its to drop).
+
     The message-age check and presence delays are not applied (the entry was
     due, and the message is older by now); neither is the room-size limit,
     which belongs to the moment the message was sent. So no rule applied here
     depends on `now`; it is taken so callers pass time the same way everywhere.
     """
     try:
-        return await _recheck(directory, uid, mid, kind, settings, config)
+        return await _recheck(directory, uid, message, kind, settings, config)
     except _DATA_ERRORS as exc:
-        log.error("recheck_failed", uid=uid, mid=mid, error=repr(exc))
+        log.error("recheck_failed", uid=uid, mid=message.id, error=repr(exc))
         return Reason.MALFORMED_DOCUMENT
 
 
 async def _recheck(
     directory: Directory,
     uid: str,
-    mid: str,
+    message: Message,
     kind: Literal["push", "email"],
     settings: Settings,
     config: Config,
 ) -> Reason | None:
-    message = await directory.message(mid)
-    if message is None:
-        return Reason.MESSAGE_DELETED
     room = await directory.room(message.rid)
     if room is None:
         return Reason.ROOM_NOT_FOUND
@@ -189,7 +189,7 @@ async def _plan(
     active_members: int,
 ) -> MessagePlan:
     """Fetch what the message's side of the rules needs: thread parent, teams, DM roles."""
-    parent = None if message.tmid is None else await directory.message(message.tmid)
+    parent = None if message.tmid is None else await _one_message(directory, message.tmid)
     team_members: frozenset[str] = frozenset()
     for mention in message.mentions:
         if mention.type == "team":
@@ -238,3 +238,7 @@ def _count(result: MessageDecisions) -> None:
     for (push, email), n in counts.items():
         metrics.DECISIONS.labels("push", push.code).inc(n)
         metrics.DECISIONS.labels("email", email.code).inc(n)
+
+
+async def _one_message(directory: Directory, mid: str) -> Message | None:
+    return (await directory.messages([mid])).get(mid)

@@ -50,10 +50,10 @@ class Directory(Protocol):
     async def subscription(self, uid: str, rid: str) -> Subscription | None: ...
     async def users(self, uids: Collection[str]) -> dict[str, User]: ...
     async def devices(self, uids: Collection[str]) -> dict[str, list[PushToken]]: ...
-    async def message(self, mid: str) -> Message | None: ...
+    async def messages(self, mids: Collection[str]) -> dict[str, Message]: ...
     async def team_members(self, team_id: str) -> frozenset[str]: ...
     async def roles_with_permission(self, permission: str) -> frozenset[str]: ...
-    async def badge(self, uid: str) -> int: ...
+    async def badges(self, uids: Collection[str]) -> dict[str, int]: ...
 
 
 #: How many bad documents are remembered as already reported (see `parse_or_log`).
@@ -135,9 +135,10 @@ class DatabaseDirectory:
             found.setdefault(token.uid, []).append(token)
         return found
 
-    async def message(self, mid: str) -> Message | None:
-        doc = await self._db[MESSAGES].find_one({"_id": mid})
-        return None if doc is None else parse_or_log(Message.from_doc, doc)
+    async def messages(self, mids: Collection[str]) -> dict[str, Message]:
+        """The messages that exist and parse, by id; one query for a whole batch of entries."""
+        cursor = self._db[MESSAGES].find({"_id": {"$in": list(mids)}})
+        return {message.id: message for message in await _parsed(Message.from_doc, cursor)}
 
     async def team_members(self, team_id: str) -> frozenset[str]:
         cursor = self._db[TEAM_MEMBERS].find({"teamId": team_id}, {"userId": 1})
@@ -150,12 +151,18 @@ class DatabaseDirectory:
             return frozenset()
         return frozenset(r for r in roles if isinstance(r, str))
 
-    async def badge(self, uid: str) -> int:
+    async def badges(self, uids: Collection[str]) -> dict[str, int]:
+        """Each user's unread count over their rooms (the app's badge); 0 when none.
+
+        One aggregation for a batch of recipients, not one per push.
+        """
         pipeline: list[Doc] = [
-            {"$match": {"u._id": uid, "archived": {"$ne": True}}},
-            {"$group": {"_id": None, "unread": {"$sum": "$unread"}}},
+            {"$match": {"u._id": {"$in": list(uids)}, "archived": {"$ne": True}}},
+            {"$group": {"_id": "$u._id", "unread": {"$sum": "$unread"}}},
         ]
+        counts = dict.fromkeys(uids, 0)
         async for row in await self._db[SUBSCRIPTIONS].aggregate(pipeline):
             unread = row.get("unread")
-            return int(unread) if isinstance(unread, int | float) else 0
-        return 0
+            if row.get("_id") in counts and isinstance(unread, int | float):
+                counts[row["_id"]] = int(unread)
+        return counts

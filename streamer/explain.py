@@ -79,7 +79,7 @@ async def explain(
     missing from it counts as away since their document last changed (SPEC §5).
     Raises `ExplainError` when the message, its room or the user cannot be found.
     """
-    message = await directory.message(message_id)
+    message = (await directory.messages([message_id])).get(message_id)
     if message is None:
         raise ExplainError(f"message {message_id!r} not found (or its document is malformed)")
     settings = override_settings(await directory.settings(), config)

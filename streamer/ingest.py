@@ -51,12 +51,12 @@ class Ingest:
             self.latest_settings = override_settings(settings, self._config)
         return self.latest_settings
 
-    async def recheck(self, entry: Entry) -> str | None:
+    async def recheck(self, entry: Entry, message: Message) -> str | None:
         """At fire time: the reason code to drop the entry, or None to send it."""
         reason = await recheck(
             self._directory,
             entry.uid,
-            entry.mid,
+            message,
             entry.kind,
             await self.settings(),
             self._config,

@@ -29,7 +29,8 @@ def mongo_uri() -> Iterator[str]:
     if external:
         yield external
         return
-    with devmongo.running() as server:
+    # Test commands allow MongoDB's own fail points (`failCommand`) in the tests.
+    with devmongo.running(extra_args=("--setParameter", "enableTestCommands=1")) as server:
         yield server.uri
 
 

@@ -87,13 +87,22 @@ async def assert_same_answers(cached: CachedDirectory, database: DatabaseDirecto
     assert {k: by_id(v) for k, v in cached_devices.items()} == {
         k: by_id(v) for k, v in db_devices.items()
     }
-    assert await cached.message("m1") == await database.message("m1")
+    mids = ["m1", "missing"]
+    assert await cached.messages(mids) == await database.messages(mids)
+    assert list(await cached.messages(mids)) == ["m1"]
     assert await cached.team_members("team1") == await database.team_members("team1")
     assert await cached.roles_with_permission("view-d-room") == (
         await database.roles_with_permission("view-d-room")
     )
-    for uid in uids:
-        assert await cached.badge(uid) == await database.badge(uid)
+    assert await cached.badges(uids) == await database.badges(uids)
+    # Unread summed over each user's rooms; archived rooms and strangers count 0.
+    assert await database.badges(uids) == {
+        ALICE["_id"]: 3,
+        BOB["_id"]: 4,
+        CAROL["_id"]: 0,
+        DAVE["_id"]: 0,
+        "nobody": 0,
+    }
 
 
 async def test_cached_answers_match_the_database(db: AsyncDatabase[Doc]) -> None:

@@ -6,19 +6,23 @@ The clock is injected: tests move it forward instead of waiting for delays.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 import anyio.lowlevel
 import pytest
 from prometheus_client import REGISTRY
+from pymongo import AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import OperationFailure
 
 from streamer.config import QueueConfig
-from streamer.queue import EXPIRED, Entry, Queue, Recheck, entry_id
+from streamer.queue import EXPIRED, Entry, Queue, entry_id
 
 pytestmark = pytest.mark.anyio
 
@@ -50,11 +54,9 @@ QueueFactory = Callable[..., Awaitable[Queue]]
 
 @pytest.fixture
 def make_queue(collection: AsyncCollection[Doc], clock: Clock) -> QueueFactory:
-    async def make(
-        instance_id: str = "a", recheck: Recheck | None = None, **settings: Any
-    ) -> Queue:
+    async def make(instance_id: str = "a", **settings: Any) -> Queue:
         config = dataclasses.replace(QueueConfig(), **settings)
-        queue = Queue(collection, config, instance_id=instance_id, clock=clock, recheck=recheck)
+        queue = Queue(collection, config, instance_id=instance_id, clock=clock)
         await queue.load()
         return queue
 
@@ -72,7 +74,8 @@ def entry(
 
 async def take(queue: Queue) -> Entry:
     with anyio.fail_after(30):
-        return await queue.next_due()
+        (taken,) = await queue.next_due()
+    return taken
 
 
 async def deliver_all(queue: Queue, count: int) -> list[str]:
@@ -126,7 +129,7 @@ async def test_next_due_wakes_when_an_entry_is_added(
     taken: list[Entry] = []
 
     async def consume() -> None:
-        taken.append(await queue.next_due())
+        taken.extend(await queue.next_due())
 
     added = entry(clock)
     with anyio.fail_after(30):
@@ -278,23 +281,6 @@ async def test_entries_older_than_max_age_are_dropped(
     assert await collection.count_documents({}) == 0
 
 
-async def test_an_entry_the_recheck_rejects_is_dropped(
-    make_queue: QueueFactory, clock: Clock, collection: AsyncCollection[Doc]
-) -> None:
-    read = entry(clock, uid="u1", age=2)
-    unread = entry(clock, uid="u2", age=1)
-
-    async def still_unread(candidate: Entry) -> str | None:
-        return "message_read" if candidate.mid == read.mid else None
-
-    queue = await make_queue(recheck=still_unread)
-    await queue.add([read, unread])
-    before = sample("streamer_queue_dropped_total", reason="message_read")
-    assert await deliver_all(queue, 1) == [unread.mid]
-    assert sample("streamer_queue_dropped_total", reason="message_read") == before + 1
-    assert await collection.count_documents({}) == 0
-
-
 async def test_a_retry_survives_a_restart(make_queue: QueueFactory, clock: Clock) -> None:
     queue = await make_queue()
     await queue.add([entry(clock)])
@@ -365,9 +351,9 @@ async def test_two_instances_never_deliver_an_entry_twice(
 
     async def consume(queue: Queue, name: str) -> None:
         while True:
-            taken = await queue.next_due()
-            delivered.append((name, taken.mid))
-            await queue.done(taken)
+            for taken in await queue.next_due(limit=7):
+                delivered.append((name, taken.mid))
+                await queue.done(taken)
 
     async with anyio.create_task_group() as tg:
         for queue, name in zip(queues, "ab", strict=True):
@@ -397,28 +383,67 @@ async def test_follow_sees_what_another_instance_adds_and_clears(
         tg.cancel_scope.cancel()
 
 
-async def test_an_interrupted_next_due_leaves_the_entry_free_to_take(
+@asynccontextmanager
+async def failing_commands(mongo: AsyncMongoClient[Doc], **data: Any) -> AsyncIterator[None]:
+    """MongoDB's own `failCommand` fail point: the real server stalls or fails commands."""
+    try:
+        await mongo.admin.command("configureFailPoint", "failCommand", mode="alwaysOn", data=data)
+    except OperationFailure:
+        pytest.skip("this server does not allow test commands (enableTestCommands)")
+    try:
+        yield
+    finally:
+        await mongo.admin.command("configureFailPoint", "failCommand", mode="off")
+
+
+async def test_an_interrupted_lease_leaves_the_entries_free_to_take(
+    make_queue: QueueFactory,
+    clock: Clock,
+    mongo: AsyncMongoClient[Doc],
+    mongo_uri: str,
+    collection: AsyncCollection[Doc],
+) -> None:
+    """Cancelled between the lease write and its read-back (shutdown at the worst
+    moment): the leases are given back, so another instance need not wait them out."""
+    stalled: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_uri, appName="stalled")
+    queue = Queue(
+        stalled[collection.database.name][collection.name],
+        QueueConfig(),
+        instance_id="a",
+        clock=clock,
+    )
+    await queue.load()
+    queued = [entry(clock), entry(clock, uid="u2")]
+    await queue.add(queued)
+    # Long enough to see the lease written; turning the fail point off waits it out.
+    stall = {"failCommands": ["find"], "blockConnection": True, "blockTimeMS": 3_000}
+    async with (
+        failing_commands(mongo, appName="stalled", **stall),
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(functools.partial(queue.next_due, limit=10))
+        with anyio.fail_after(30):
+            while await collection.count_documents({"owner": "a"}) < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.01)  # the lease write, seen from outside
+        tg.cancel_scope.cancel()
+    await stalled.close()
+    other = await make_queue(instance_id="other")
+    assert other.next_due_at() == queued[0].due_at
+    taken = await other.next_due(limit=10)
+    assert sorted(e.mid for e in taken) == sorted(e.mid for e in queued)
+
+
+async def test_a_batch_lease_takes_what_is_free_and_places_the_rest_at_lease_expiry(
     make_queue: QueueFactory, clock: Clock
 ) -> None:
-    started = anyio.Event()
-
-    async def stall_once(_: Entry) -> str | None:
-        if not started.is_set():
-            started.set()
-            await anyio.sleep_forever()
-        return None
-
-    queue = await make_queue(recheck=stall_once)
-    queued = entry(clock)
-    await queue.add([queued])
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(queue.next_due)
-        with anyio.fail_after(30):
-            await started.wait()
-        tg.cancel_scope.cancel()
-    other = await make_queue(instance_id="other")
-    assert other.next_due_at() == queued.due_at
-    assert (await take(other)).mid == queued.mid
+    ours = await make_queue(instance_id="a")
+    entries = [entry(clock, uid=f"u{i}", age=10 - i) for i in range(5)]
+    await ours.add(entries)
+    theirs = await make_queue(instance_id="b")
+    assert await take(theirs) == entries[0]
+    taken = await ours.next_due(limit=10)
+    assert taken == entries[1:]
+    assert ours.next_due_at() == clock.now + QueueConfig().lease_seconds
 
 
 async def test_a_malformed_queue_document_is_skipped(
@@ -456,9 +481,9 @@ async def test_a_burst_of_10000_entries_is_durable_and_ordered(
 
     async def consume() -> None:
         while True:
-            taken = await restarted.next_due()
-            delivered.append(taken.mid)
-            await restarted.done(taken)
+            for taken in await restarted.next_due(limit=5):
+                delivered.append(taken.mid)
+                await restarted.done(taken)
             if len(delivered) >= 1_900:
                 enough.set()
 

@@ -7,10 +7,10 @@ entry) costs one lookup and never a duplicate or a lost notification.
 
 The app's order: `load()`, then `tg.start(queue.follow)` when several instances
 share the collection; `add()` once per change-stream batch before saving the
-resume token; consumers loop on `next_due()` and settle each entry with
+resume token; consumers loop on `next_due(limit)` and settle each entry with
 `done()`, `retry()`, `drop()` or, when interrupted, `release()`. `next_due()` is
-safe to await from several tasks at once, and should be: each call waits for a
-lease write and the recheck.
+safe to await from several tasks at once; it leases a batch of due entries in
+two round trips, so one caller keeps hundreds of deliveries fed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -42,8 +42,6 @@ EXPIRED = "expired"
 #: Pause before trying the database again after it failed.
 RECONNECT_DELAY = 1.0
 
-Recheck = Callable[[Entry], Awaitable[str | None]]
-
 
 class Queue:
     """Entries by due time, durable in `collection`, leased to one instance at a time."""
@@ -55,12 +53,10 @@ class Queue:
         *,
         instance_id: str,
         clock: Callable[[], float] = time.time,
-        recheck: Recheck | None = None,
     ) -> None:
         self._store = QueueStore(collection, instance_id)
         self._config = config
         self._clock = clock
-        self._recheck = recheck
         self._schedule = Schedule()
         #: Entries this instance has leased and not yet settled.
         self._held: set[str] = set()
@@ -129,37 +125,39 @@ class Queue:
         self._changed_now()
         return moved
 
-    async def next_due(self) -> Entry:
-        """Wait for the next due entry and lease it to this instance.
+    async def next_due(self, limit: int = 1) -> list[Entry]:
+        """Wait for due entries, lease up to `limit` of them to this instance at once.
 
-        On the way, entries older than `max_age`, or that `recheck` says are no
-        longer wanted, are dropped; and the documented per-user order is kept
-        (see `_flushed`). The caller settles the entry with done, retry or drop.
+        On the way, entries older than `max_age` are dropped, and the documented
+        per-user order is kept (see `_flushed`). The caller settles each entry
+        with done, retry or drop. Never returns an empty list.
         """
         while True:
-            slot = await self._due_slot()
+            slots = await self._due_slots(limit)
             try:
-                entry = await self._take(slot)
+                entries = await self._take(slots)
             except PyMongoError as exc:
-                self._give_back(slot)
-                log.warning("queue_lease_failed", uid=slot.uid, key=slot.key, error=str(exc))
+                self._give_back(slots)
+                log.warning("queue_lease_failed", entries=len(slots), error=str(exc))
                 await anyio.sleep(RECONNECT_DELAY)
                 continue
             except BaseException:
-                self._give_back(slot)
+                self._give_back(slots)
                 with anyio.move_on_after(RECONNECT_DELAY, shield=True):
-                    await self._store.release(slot.key)  # if the lease was taken
+                    await self._store.release([slot.key for slot in slots])  # if leased
                 raise
-            if entry is not None:
-                return entry
+            if entries:
+                return entries
 
-    async def _due_slot(self) -> Slot:
+    async def _due_slots(self, limit: int) -> list[Slot]:
         while True:
             now = self._clock()
-            slot = self._schedule.pop_due(now)
-            if slot is not None:
-                self._held.add(slot.key)
-                return slot
+            slots: list[Slot] = []
+            while len(slots) < limit and (slot := self._schedule.pop_due(now)) is not None:
+                slots.append(slot)
+            if slots:
+                self._held.update(slot.key for slot in slots)
+                return slots
             first = self._schedule.first()
             if self._changed is None:
                 self._changed = anyio.Event()
@@ -167,41 +165,48 @@ class Queue:
             with anyio.move_on_after(math.inf if first is None else first.due_at - now):
                 await changed.wait()
 
-    def _give_back(self, slot: Slot) -> None:
-        """An entry whose handling was interrupted is tried again (the lease is ours)."""
-        self._held.discard(slot.key)
-        self._schedule.put(slot)
+    def _give_back(self, slots: Sequence[Slot]) -> None:
+        """Entries whose handling was interrupted are tried again (the leases are ours)."""
+        for slot in slots:
+            self._held.discard(slot.key)
+            self._schedule.put(slot)
         self._changed_now()
 
-    async def _take(self, slot: Slot) -> Entry | None:
+    async def _take(self, slots: Sequence[Slot]) -> list[Entry]:
         now = self._clock()
-        doc = await self._store.lease(slot.key, now, now + self._config.lease_seconds)
-        if doc is None:
-            self._held.discard(slot.key)
-            await self._resync(slot.key)
-            return None
+        keys = [slot.key for slot in slots]
+        leased = await self._store.lease(keys, now, now + self._config.lease_seconds)
+        refused = [key for key in keys if key not in leased]
+        self._held.difference_update(refused)
+        entries = []
+        for key in keys:
+            entry = await self._usable(leased[key], now) if key in leased else None
+            if entry is not None:
+                entries.append(entry)
+        if refused:
+            await self._resync(refused)
+        self._observe()
+        return entries
+
+    async def _usable(self, doc: Doc, now: float) -> Entry | None:
+        """The leased entry, or None when it was dropped or put back instead."""
         entry = parse_or_log(parse_entry, doc)
         if entry is None:
-            await self._forget(slot.key)
+            await self._forget(doc["_id"])
             return None
         if now - entry.created_at > self._config.max_age:
             await self.drop(entry, EXPIRED)
             return None
         if await self._flushed(entry):
             return None
-        reason = None if self._recheck is None else await self._recheck(entry)
-        if reason:
-            await self.drop(entry, reason)
-            return None
-        self._observe()
         return entry
 
-    async def _resync(self, key: str) -> None:
-        """The lease was refused: place the entry where the collection says it is."""
-        doc = await self._store.find(key)
-        slot = None if doc is None else parse_or_log(self._parse_slot, doc)
-        if slot is not None and slot.key not in self._held:
-            self._schedule.put(slot)
+    async def _resync(self, keys: Sequence[str]) -> None:
+        """Leases were refused: place those entries where the collection says they are."""
+        for doc in await self._store.find(keys):
+            slot = parse_or_log(self._parse_slot, doc)
+            if slot is not None and slot.key not in self._held:
+                self._schedule.put(slot)
         self._changed_now()
 
     async def _flushed(self, entry: Entry) -> bool:
@@ -259,7 +264,7 @@ class Queue:
         still ours, so this instance takes the entry again once MongoDB is back.
         """
         try:
-            await self._store.release(entry.id)
+            await self._store.release([entry.id])
         finally:
             self._held.discard(entry.id)
             self._schedule.put(entry_slot(entry))

@@ -13,8 +13,8 @@ from collections.abc import Mapping, Sequence
 from math import isfinite
 from typing import Any
 
-from bson import Timestamp
-from pymongo import DeleteOne, IndexModel, ReturnDocument, UpdateOne
+from bson import ObjectId, Timestamp
+from pymongo import DeleteOne, IndexModel, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.cursor import AsyncCursor
 from pymongo.errors import BulkWriteError
@@ -40,6 +40,8 @@ SLOT_FIELDS = {
 QUEUE = "streamer_queue"
 #: The instance that inserted an entry (its follower skips its own inserts).
 QUEUED_BY = "queued_by"
+#: Which lease write took the entry: how a batch lease reads back what it got.
+LEASE_ID = "lease_id"
 _DUPLICATE_KEY = 11000
 _KINDS: frozenset[str] = frozenset({"push", "email"})
 
@@ -212,11 +214,16 @@ class QueueStore:
             }
         ]
 
-    async def lease(self, key: str, now: float, until: float) -> Doc | None:
-        """Take the entry if it is due and not held by another live instance."""
-        return await self.collection.find_one_and_update(
+    async def lease(self, keys: Sequence[str], now: float, until: float) -> dict[str, Doc]:
+        """Take those of the entries that are due and not held by another live instance.
+
+        Two round trips for a whole batch: one conditional update, stamped with a
+        lease id of its own, then a read of the entries carrying that stamp.
+        """
+        stamp = ObjectId()
+        await self.collection.update_many(
             {
-                "_id": key,
+                "_id": {"$in": list(keys)},
                 "due_at": {"$lte": now},
                 "$or": [
                     {"owner": None},
@@ -224,17 +231,18 @@ class QueueStore:
                     {"lease_until": {"$lte": now}},
                 ],
             },
-            {"$set": {"owner": self.instance_id, "lease_until": until}},
-            return_document=ReturnDocument.AFTER,
+            {"$set": {"owner": self.instance_id, "lease_until": until, LEASE_ID: stamp}},
         )
+        cursor = self.collection.find({"_id": {"$in": list(keys)}, LEASE_ID: stamp})
+        return {doc["_id"]: doc async for doc in cursor}
 
-    async def find(self, key: str) -> Doc | None:
-        return await self.collection.find_one({"_id": key}, SLOT_FIELDS)
+    async def find(self, keys: Sequence[str]) -> list[Doc]:
+        return await self.collection.find({"_id": {"$in": list(keys)}}, SLOT_FIELDS).to_list()
 
-    async def release(self, key: str) -> None:
-        """Give the lease back without changing the entry."""
-        await self.collection.update_one(
-            {"_id": key, "owner": self.instance_id},
+    async def release(self, keys: Sequence[str]) -> None:
+        """Give the leases back without changing the entries."""
+        await self.collection.update_many(
+            {"_id": {"$in": list(keys)}, "owner": self.instance_id},
             {"$set": {"owner": None, "lease_until": 0.0}},
         )
 

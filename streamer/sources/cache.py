@@ -261,8 +261,8 @@ class CachedDirectory:
             found.update(queried)
         return found
 
-    async def message(self, mid: str) -> Message | None:
-        return await self._fallback.message(mid)
+    async def messages(self, mids: Collection[str]) -> dict[str, Message]:
+        return await self._fallback.messages(mids)
 
     async def team_members(self, team_id: str) -> frozenset[str]:
         return await self._fallback.team_members(team_id)
@@ -275,8 +275,8 @@ class CachedDirectory:
         self._roles.put(permission, roles)
         return roles
 
-    async def badge(self, uid: str) -> int:
-        return await self._fallback.badge(uid)
+    async def badges(self, uids: Collection[str]) -> dict[str, int]:
+        return await self._fallback.badges(uids)
 
     def away_since(self, uid: str) -> float | None:
         """When the daemon saw `uid` turn away; else the user's `_updatedAt` if cached.
