@@ -321,6 +321,7 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 @dataclass
 class Figures:
     raw: float = 0.0
+    raw_cpu: dict[str, float] = field(default_factory=dict)
     e2e: float = 0.0
     e2e_cpu: dict[str, float] = field(default_factory=dict)
     delays: list[float] = field(default_factory=list)
@@ -335,7 +336,9 @@ def measure(args: argparse.Namespace) -> Figures:
         sync: MongoClient[Doc] = MongoClient(mongo.uri)
         world = World(sync[DB], args.recipients)
         raw_messages = world.dm_messages(args.messages, "raw")
+        cpu = CpuMeter({"mongod": mongo.process.pid, "bench": os.getpid()})
         figures.raw = anyio.run(raw_stream_rate, mongo.uri, raw_messages)
+        figures.raw_cpu = cpu.spent()
         http_port = devmongo.free_port()
         with tempfile.TemporaryDirectory() as tmp:
             config = write_config(Path(tmp) / "config.toml", mongo.uri, gateway, http_port)
@@ -380,6 +383,7 @@ def report(args: argparse.Namespace, figures: Figures) -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"(a) {args.messages} DMs to {args.recipients} offline users, {WRITERS} writers")
     print(f"    bare change stream: {figures.raw:8.0f} messages/s")
+    print(f"      CPU ms per message: {_per(figures.raw_cpu, args.messages)}")
     print(f"    insert → gateway:   {figures.e2e:8.0f} messages/s")
     print(f"    ratio:              {ratio:8.2f}  (target ≥ {RATIO_TARGET}: {_met(ratio >= 0.8)})")
     print(f"    CPU ms per message: {_per(figures.e2e_cpu, args.messages)}")
