@@ -29,6 +29,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
 from streamer import metrics
+from streamer.changebatch import next_batch
 from streamer.config import QueueConfig
 from streamer.directory import parse_or_log
 from streamer.queue.entry import Entry, uid_of
@@ -41,6 +42,9 @@ log = structlog.get_logger("streamer.queue")
 EXPIRED = "expired"
 #: Pause before trying the database again after it failed.
 RECONNECT_DELAY = 1.0
+#: Seconds other instances' changes gather between reads (see `sources.StreamTuning`):
+#: the schedule needs them soon, not at once, since every lease is checked anyway.
+FOLLOW_GATHER = 0.1
 
 
 class Queue:
@@ -301,8 +305,10 @@ class Queue:
                     if not started:
                         task_status.started()
                         started = True
-                    async for change in stream:
-                        self._apply(change)
+                    while stream.alive:
+                        for change in await next_batch(stream):
+                            self._apply(change)
+                        await anyio.sleep(FOLLOW_GATHER)
             except PyMongoError as exc:
                 log.warning("queue_follow_interrupted", error=str(exc))
                 await anyio.sleep(RECONNECT_DELAY)

@@ -42,6 +42,7 @@ from tenacity import (
 )
 
 from streamer import metrics
+from streamer.changebatch import next_batch
 from streamer.config import Config
 from streamer.model import MESSAGES, PUSH_TOKENS, SETTING_IDS, SETTINGS, SUBSCRIPTIONS, USERS
 from streamer.sources import changes as meaning
@@ -344,25 +345,6 @@ class Sources:
             await self._tokens.save(stream.name, reopened.resume_token)
         else:
             await self._tokens.drop(stream.name)
-
-
-async def next_batch(changes: AsyncChangeStream[Doc]) -> list[Change]:
-    """The changes of one server batch: the unit of handling and of token saves.
-
-    pymongo hands changes out one by one; whether the current batch has more is
-    only known to its cursor (`_has_next`), which pymongo's own resume-token
-    bookkeeping relies on too.
-    """
-    first = await changes.try_next()
-    if first is None:
-        return []
-    batch: list[Change] = [first]
-    while changes._cursor._has_next():
-        change = await changes.try_next()
-        if change is None:
-            break
-        batch.append(change)
-    return batch
 
 
 async def _close(changes: AsyncChangeStream[Doc]) -> None:
