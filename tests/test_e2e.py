@@ -114,6 +114,23 @@ def test_online_users_push_goes_out_after_the_delay(
     assert daemon.terminate() == 0
 
 
+def test_a_message_deleted_before_its_push_is_due_sends_nothing(
+    world: World, daemon_for: Any, gateway: tuple[StubApp, str], sync_db: Database[Doc]
+) -> None:
+    """The fire-time recheck reads the message again (once per batch of due entries)."""
+    stub, _ = gateway
+    world.db.users.update_one({"_id": world.bob["_id"]}, {"$set": {"status": "online"}})
+    daemon = daemon_for(delay_online=5)
+    message = world.say(world.dm)
+    wait_until(lambda: sync_db.streamer_queue.count_documents({"mid": message["_id"]}), 30)
+    sync_db.rocketchat_message.delete_one({"_id": message["_id"]})
+
+    daemon.wait_for_log("queue_entry_dropped", mid=message["_id"], reason="message_deleted")
+    assert sync_db.streamer_queue.count_documents({}) == 0
+    assert daemon.terminate() == 0
+    assert stub.received(GCM) == []
+
+
 @pytest.mark.parametrize(
     ("collection", "change", "reason"),
     [
