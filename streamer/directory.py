@@ -114,11 +114,22 @@ class DatabaseDirectory:
         return settings
 
     async def room(self, rid: str) -> Room | None:
-        doc = await self._db[ROOMS].find_one({"_id": rid})
-        return None if doc is None else parse_or_log(Room.from_doc, doc)
+        return (await self.rooms([rid])).get(rid)
+
+    async def rooms(self, rids: Collection[str]) -> dict[str, Room]:
+        cursor = self._db[ROOMS].find({"_id": {"$in": list(rids)}})
+        return {room.id: room for room in await _parsed(Room.from_doc, cursor)}
 
     async def subscriptions(self, rid: str) -> list[Subscription]:
-        return await _parsed(Subscription.from_doc, self._db[SUBSCRIPTIONS].find({"rid": rid}))
+        return (await self.members([rid])).get(rid, [])
+
+    async def members(self, rids: Collection[str]) -> dict[str, list[Subscription]]:
+        """The subscriptions of each of the rooms, by room (rooms without any are absent)."""
+        cursor = self._db[SUBSCRIPTIONS].find({"rid": {"$in": list(rids)}})
+        found: dict[str, list[Subscription]] = {}
+        for subscription in await _parsed(Subscription.from_doc, cursor):
+            found.setdefault(subscription.rid, []).append(subscription)
+        return found
 
     async def subscription(self, uid: str, rid: str) -> Subscription | None:
         doc = await self._db[SUBSCRIPTIONS].find_one({"rid": rid, "u._id": uid})

@@ -67,6 +67,7 @@ class Ingest:
     async def on_messages(self, batch: Sequence[MessageInserted]) -> None:
         settings = await self.settings()
         now = self._clock()
+        await self._directory.prefetch({event.message.rid for event in batch})
         entries: list[Entry] = []
         for event in batch:
             entries += await self._entries_for(event.message, settings, now)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from pymongo import AsyncMongoClient, monitoring
 from pymongo.asynchronous.database import AsyncDatabase
 
 from streamer.directory import DatabaseDirectory
@@ -110,6 +111,48 @@ async def test_cached_answers_match_the_database(db: AsyncDatabase[Doc]) -> None
     cached, database = await loaded(db), DatabaseDirectory(db)
     await assert_same_answers(cached, database)  # misses: answered by queries, then stored
     await assert_same_answers(cached, database)  # hits: answered from memory
+
+
+class CommandCounter(monitoring.CommandListener):
+    """pymongo's own command monitoring: which commands reached the server."""
+
+    def __init__(self) -> None:
+        self.commands: list[str] = []
+
+    def started(self, event: monitoring.CommandStartedEvent) -> None:
+        self.commands.append(event.command_name)
+
+    def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
+        pass
+
+    def failed(self, event: monitoring.CommandFailedEvent) -> None:
+        pass
+
+
+async def test_prefetch_loads_a_batch_of_rooms_in_one_query_per_kind(
+    mongo_uri: str, db: AsyncDatabase[Doc]
+) -> None:
+    await seed(db)
+    counter = CommandCounter()
+    client: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_uri, event_listeners=[counter])
+    try:
+        watched = client[db.name]
+        cached = await loaded(watched)
+        counter.commands.clear()
+        await cached.prefetch({"GENERAL", "random", "DM", "missing"})
+        # rooms, members, and the users not loaded at start (the offline ones)
+        assert counter.commands == ["find"] * 3
+        counter.commands.clear()
+        database = DatabaseDirectory(db)
+        for rid in ("GENERAL", "random", "DM", "missing"):
+            assert await cached.room(rid) == await database.room(rid)
+            members = await cached.subscriptions(rid)
+            assert by_id(members) == by_id(await database.subscriptions(rid))
+            uids = [m.uid for m in members]
+            assert await cached.users(uids) == await database.users(uids)
+        assert counter.commands == []
+    finally:
+        await client.close()
 
 
 async def test_tiny_bounds_still_give_the_same_answers(db: AsyncDatabase[Doc]) -> None:

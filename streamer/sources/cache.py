@@ -198,6 +198,33 @@ class CachedDirectory:
         self._rooms.put(rid, room)
         return room
 
+    async def prefetch(self, rids: Collection[str]) -> None:
+        """Load what deciding messages in these rooms reads — rooms, members and their
+        users — with one query per kind for a whole change-stream batch.
+
+        On a cold cache (a restart, rooms quiet for a while) each message would
+        otherwise cost several round trips, one message after another. Devices are
+        left to the decision: it looks them up only for those a push is for.
+        """
+        rooms = [rid for rid in rids if self._rooms.get(rid) is None]
+        if rooms:
+            found = await self._fallback.rooms(rooms)
+            for rid in rooms:
+                self._rooms.put(rid, found.get(rid))
+        unknown = [rid for rid in rids if self._rooms_members.get(rid) is None]
+        if unknown:
+            keys = [("room", rid) for rid in unknown]
+            ticket = self._fresh.begin(keys)
+            try:
+                members = await self._fallback.members(unknown)
+            finally:
+                fresh = self._fresh.end(keys, ticket)
+            for rid in unknown:
+                if ("room", rid) in fresh:
+                    self._store_room(rid, members.get(rid, []))
+        uids = {s.uid for rid in rids for s in (self._rooms_members.get(rid) or {}).values()}
+        await self.users(uids)
+
     async def subscriptions(self, rid: str) -> list[Subscription]:
         members = self._rooms_members.get(rid)
         if members is not None:
