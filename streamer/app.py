@@ -21,7 +21,7 @@ import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
-from contextlib import ExitStack, asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager, suppress
 from typing import Any
 
 import anyio
@@ -54,6 +54,8 @@ log = structlog.get_logger("streamer.app")
 Doc = dict[str, object]
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 HEALTH_INTERVAL = 1.0
+#: Seconds to free the entries queued leased to this instance at shutdown.
+RELEASE_TIMEOUT = 5.0
 STARTUP_TIMEOUT_MS = 10_000
 
 
@@ -181,6 +183,13 @@ class Daemon:
             await tg.start(self.queue.follow)
             log.info("started", instance_id=self.instance_id, http=address)
             await self.courier.run(shutdown)
+            # Bounded by pymongo's own deadline: cancelling it mid-wait breaks its pool.
+            with (
+                anyio.CancelScope(shield=True),
+                pymongo.timeout(RELEASE_TIMEOUT),
+                suppress(PyMongoError),
+            ):
+                await self.queue.release_owned()
             http_stop.set()
             tg.cancel_scope.cancel()
 

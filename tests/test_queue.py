@@ -171,11 +171,41 @@ async def test_a_restarted_queue_hands_out_entries_in_the_same_order(
     first = await make_queue()
     entries = [entry(clock, uid=f"u{i}", due_in=(i * 7) % 11, age=(i * 5) % 13) for i in range(40)]
     await first.add(entries)
+    await first.release_owned()  # a clean stop
     expected = [e.mid for e in sorted(entries, key=lambda e: (e.due_at, e.created_at, e.id))]
     restarted = await make_queue(instance_id="b")
     assert len(restarted) == 40
     clock.now += 11
     assert await deliver_all(restarted, 40) == expected
+
+
+async def test_entries_due_now_are_queued_leased_to_their_instance(
+    make_queue: QueueFactory, clock: Clock, collection: AsyncCollection[Doc]
+) -> None:
+    """It takes them at once without a lease write; should it die first, another instance
+    takes them over when that lease expires, and a clean stop frees them at once."""
+    lease = QueueConfig().lease_seconds
+    ours = await make_queue(instance_id="a")
+    now, later = entry(clock), entry(clock, uid="u2", due_in=30)
+    await ours.add([now, later])
+    owners = {d["mid"]: (d["owner"], d["lease_until"]) async for d in collection.find()}
+    assert owners == {now.mid: ("a", clock.now + lease), later.mid: (None, 0.0)}
+    survivor = await make_queue(instance_id="b")
+    clock.now += 30
+    assert await take(survivor) == later
+    assert survivor.next_due_at() == now.due_at + lease  # when "a" would count as dead
+    await ours.release_owned()
+    assert await take(await make_queue(instance_id="c")) == now
+
+
+async def test_an_entry_queued_leased_is_taken_once_half_its_lease_is_gone(
+    make_queue: QueueFactory, clock: Clock
+) -> None:
+    queue = await make_queue()
+    queued = entry(clock)
+    await queue.add([queued])
+    clock.now += QueueConfig().lease_seconds * 0.75
+    assert await take(queue) == queued  # through a fresh lease: too little time was left
 
 
 async def test_read_clears_all_rooms_of_the_user(
@@ -413,8 +443,9 @@ async def test_an_interrupted_lease_leaves_the_entries_free_to_take(
         clock=clock,
     )
     await queue.load()
-    queued = [entry(clock), entry(clock, uid="u2")]
-    await queue.add(queued)
+    queued = [entry(clock, due_in=1), entry(clock, uid="u2", due_in=1)]
+    await queue.add(queued)  # due later: not queued leased, so taking them needs a lease
+    clock.now += 1
     # Long enough to see the lease written; turning the fail point off waits it out.
     stall = {"failCommands": ["find"], "blockConnection": True, "blockTimeMS": 3_000}
     async with (
@@ -437,8 +468,9 @@ async def test_a_batch_lease_takes_what_is_free_and_places_the_rest_at_lease_exp
     make_queue: QueueFactory, clock: Clock
 ) -> None:
     ours = await make_queue(instance_id="a")
-    entries = [entry(clock, uid=f"u{i}", age=10 - i) for i in range(5)]
-    await ours.add(entries)
+    entries = [entry(clock, uid=f"u{i}", due_in=1, age=10 - i) for i in range(5)]
+    await ours.add(entries)  # due later: not queued leased, free for either instance
+    clock.now += 1
     theirs = await make_queue(instance_id="b")
     assert await take(theirs) == entries[0]
     taken = await ours.next_due(limit=10)
@@ -471,6 +503,7 @@ async def test_a_burst_of_10000_entries_is_durable_and_ordered(
     for start in range(0, len(entries), 1000):
         await queue.add(entries[start : start + 1000])
     assert await collection.count_documents({}) == 10_000
+    await queue.release_owned()  # a clean stop
     restarted = await make_queue(instance_id="b")
     assert len(restarted) == 10_000
     clock.now += 101

@@ -64,6 +64,9 @@ class Queue:
         self._schedule = Schedule()
         #: Entries this instance has leased and not yet settled.
         self._held: set[str] = set()
+        #: Entries this instance inserted already leased to itself, with that lease's
+        #: expiry: taken while half the lease is left, they need no lease write.
+        self._owned: dict[str, tuple[Entry, float]] = {}
         self._changed: anyio.Event | None = None
         self._synced_at: Timestamp | None = None
         self._parse_slot = functools.partial(parse_slot, instance_id=instance_id)
@@ -89,6 +92,7 @@ class Queue:
             if slot is not None and slot.key not in self._held:
                 slots.append(slot)
         self._schedule = Schedule(slots)
+        self._owned.clear()  # still ours, but taken through the lease from now on
         log.info("queue_loaded", entries=len(self._schedule))
         self._changed_now()
 
@@ -98,11 +102,19 @@ class Queue:
         While the insert is awaited, `follow` may already have scheduled a new entry
         from its change event, and a taker leased it: scheduling it again then would
         hand it out twice (the lease accepts this instance's own), so held ones are skipped.
+
+        Entries due at once are inserted leased to this instance: it takes them within
+        milliseconds, and the lease write and read-back they would cost then are saved.
         """
-        new = await self._store.insert(entries)
+        now = self._clock()
+        until = now + self._config.lease_seconds
+        due_now = {entry.id for entry in entries if entry.due_at <= now}
+        new = await self._store.insert(entries, leased=due_now, until=until)
         for entry in entries:
             if entry.id in new and entry.id not in self._held:
                 self._schedule.put(entry_slot(entry))
+                if entry.id in due_now:
+                    self._owned[entry.id] = (entry, until)
         self._changed_now()
 
     async def clear_read(self, uid: str, rid: str) -> int:
@@ -113,6 +125,10 @@ class Queue:
         else:
             cleared = await self._store.delete_user(uid)
             self._schedule.remove_user(uid)
+        whole_user = self._config.clear_on_read != "room"
+        for key, (entry, _) in list(self._owned.items()):
+            if entry.uid == uid and (whole_user or entry.rid == rid):
+                del self._owned[key]
         metrics.QUEUE_CLEARED.inc(cleared)
         if cleared:
             log.info("queue_cleared_on_read", uid=uid, rid=rid, cleared=cleared)
@@ -178,32 +194,51 @@ class Queue:
 
     async def _take(self, slots: Sequence[Slot]) -> list[Entry]:
         now = self._clock()
-        keys = [slot.key for slot in slots]
+        owned = self._still_owned(slots, now)
+        keys = [slot.key for slot in slots if slot.key not in owned]
         leased = await self._store.lease(keys, now, now + self._config.lease_seconds)
         refused = [key for key in keys if key not in leased]
         self._held.difference_update(refused)
         entries = []
-        for key in keys:
-            entry = await self._usable(leased[key], now) if key in leased else None
-            if entry is not None:
+        for slot in slots:
+            if slot.key in owned:
+                entry: Entry | None = owned[slot.key]
+            elif slot.key in leased:
+                entry = await self._parsed(leased[slot.key])
+            else:
+                continue
+            if entry is not None and await self._usable(entry, now):
                 entries.append(entry)
         if refused:
             await self._resync(refused)
         self._observe()
         return entries
 
-    async def _usable(self, doc: Doc, now: float) -> Entry | None:
-        """The leased entry, or None when it was dropped or put back instead."""
+    def _still_owned(self, slots: Sequence[Slot], now: float) -> dict[str, Entry]:
+        """Of the slots, the entries inserted leased to this instance whose lease has at
+        least half its time left: enough to deliver them before anyone may take over."""
+        found = {}
+        for slot in slots:
+            owned = self._owned.pop(slot.key, None)
+            if owned is None or slot.attempts:
+                continue
+            entry, until = owned
+            if until - now >= self._config.lease_seconds / 2:
+                found[slot.key] = entry
+        return found
+
+    async def _parsed(self, doc: Doc) -> Entry | None:
         entry = parse_or_log(parse_entry, doc)
         if entry is None:
             await self._forget(doc["_id"])
-            return None
+        return entry
+
+    async def _usable(self, entry: Entry, now: float) -> bool:
+        """False when the entry was dropped or put back instead of handed out."""
         if now - entry.created_at > self._config.max_age:
             await self.drop(entry, EXPIRED)
-            return None
-        if await self._flushed(entry):
-            return None
-        return entry
+            return False
+        return not await self._flushed(entry)
 
     async def _resync(self, keys: Sequence[str]) -> None:
         """Leases were refused: place those entries where the collection says they are."""
@@ -238,6 +273,7 @@ class Queue:
             await self._store.delete(key)
         finally:
             self._held.discard(key)
+            self._owned.pop(key, None)
             self._observe()
 
     async def retry(self, entry: Entry, due_at: float, error: str) -> None:
@@ -246,6 +282,7 @@ class Queue:
             kept = await self._store.reschedule(entry, due_at, error, self._clock())
         finally:
             self._held.discard(entry.id)
+            self._owned.pop(entry.id, None)
         if kept:
             self._schedule.put(
                 make_slot(
@@ -271,8 +308,16 @@ class Queue:
             await self._store.release([entry.id])
         finally:
             self._held.discard(entry.id)
+            self._owned.pop(entry.id, None)
             self._schedule.put(entry_slot(entry))
             self._changed_now()
+
+    async def release_owned(self) -> None:
+        """At shutdown: free the entries inserted leased to this instance and not yet
+        taken, so a restart or another instance takes them at once, not after the lease."""
+        if self._owned:
+            await self._store.release(list(self._owned))
+            self._owned.clear()
 
     async def drop(self, entry: Entry, reason: str) -> None:
         """The entry will not be sent: it leaves the queue with a reason in the log."""
@@ -322,6 +367,7 @@ class Queue:
         if doc is None:
             if change.get("operationType") in ("delete", "update", "replace"):
                 self._schedule.remove(uid_of(key), key)
+                self._owned.pop(key, None)
                 self._observe()
             return
         slot = parse_or_log(self._parse_slot, doc)

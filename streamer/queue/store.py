@@ -9,7 +9,7 @@ worst outcome is a wasted lookup.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from math import isfinite
 from typing import Any
 
@@ -46,7 +46,7 @@ _DUPLICATE_KEY = 11000
 _KINDS: frozenset[str] = frozenset({"push", "email"})
 
 
-def to_document(entry: Entry) -> Doc:
+def to_document(entry: Entry, owner: str | None = None, lease_until: float = 0.0) -> Doc:
     return {
         "_id": entry.id,
         "uid": entry.uid,
@@ -59,8 +59,8 @@ def to_document(entry: Entry) -> Doc:
         "attempts": entry.attempts,
         "first_failure_at": entry.first_failure_at,
         "last_error": entry.last_error,
-        "owner": None,
-        "lease_until": 0.0,
+        "owner": owner,
+        "lease_until": lease_until,
     }
 
 
@@ -165,16 +165,24 @@ class QueueStore:
         """Every entry, with only the fields the schedule needs."""
         return self.collection.find({}, SLOT_FIELDS, batch_size=50_000)
 
-    async def insert(self, entries: Sequence[Entry]) -> set[str]:
+    async def insert(
+        self, entries: Sequence[Entry], leased: Collection[str] = (), until: float = 0.0
+    ) -> set[str]:
         """Upsert the entries in one unordered batch; the ids that were new.
 
         An entry already there (a replay, or another instance's insert) is left
-        as it is, so an entry being retried keeps its attempts and due time.
+        as it is, so an entry being retried keeps its attempts and due time. The
+        `leased` ones are inserted already leased to this instance until `until`.
         """
         requests = [
             UpdateOne(
                 {"_id": entry.id},
-                {"$setOnInsert": {**to_document(entry), QUEUED_BY: self.instance_id}},
+                {
+                    "$setOnInsert": {
+                        **self._document(entry, leased, until),
+                        QUEUED_BY: self.instance_id,
+                    }
+                },
                 upsert=True,
             )
             for entry in entries
@@ -191,6 +199,11 @@ class QueueStore:
                 raise
             upserted = {u["index"]: u["_id"] for u in exc.details.get("upserted", [])}
         return {str(key) for key in upserted.values()}
+
+    def _document(self, entry: Entry, leased: Collection[str], until: float) -> Doc:
+        if entry.id in leased:
+            return to_document(entry, self.instance_id, until)
+        return to_document(entry)
 
     def others_changes(self) -> list[Doc]:
         """A change-stream pipeline leaving out this instance's own inserts and leases.
@@ -220,6 +233,8 @@ class QueueStore:
         Two round trips for a whole batch: one conditional update, stamped with a
         lease id of its own, then a read of the entries carrying that stamp.
         """
+        if not keys:
+            return {}
         stamp = ObjectId()
         await self.collection.update_many(
             {
