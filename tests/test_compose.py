@@ -33,6 +33,7 @@ def test_streamer_is_healthy_only_when_ready_and_outlives_its_grace() -> None:
     assert "STREAMER_HTTP__LISTEN: 0.0.0.0:9464" in compose
     assert '"127.0.0.1:9464:9464"' in compose  # published on the host's loopback only
     assert "../config.toml:/etc/streamer/config.toml:ro" in compose
+    assert "STREAMER_APP__INSTANCE_ID: streamer-1" in compose  # a restart resumes its leases
     grace = _seconds(compose, r"^\s*stop_grace_period: (\d+)s$")
     assert grace > AppConfig().shutdown_grace
 
