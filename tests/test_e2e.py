@@ -83,15 +83,22 @@ def test_offline_users_direct_message_reaches_the_gateway(
     assert "push:  yes" in explain(daemon, message["_id"], "bob")
 
 
+def queued_for_online_bob(
+    world: World, daemon_for: Any, sync_db: Database[Doc], delay: float
+) -> tuple[Daemon, Doc]:
+    """Bob is online, so Alice's DM waits `delay` seconds in the queue: it is there now."""
+    world.db.users.update_one({"_id": world.bob["_id"]}, {"$set": {"status": "online"}})
+    daemon = daemon_for(delay_online=delay)
+    message = world.say(world.dm)
+    wait_until(lambda: sync_db.streamer_queue.count_documents({"mid": message["_id"]}), 30)
+    return daemon, message
+
+
 def test_online_users_push_waits_and_is_cancelled_by_reading_the_room(
     world: World, daemon_for: Any, gateway: tuple[StubApp, str], sync_db: Database[Doc]
 ) -> None:
     stub, _ = gateway
-    world.db.users.update_one({"_id": world.bob["_id"]}, {"$set": {"status": "online"}})
-    daemon = daemon_for(delay_online=3600)
-    message = world.say(world.dm)
-    wait_until(lambda: sync_db.streamer_queue.count_documents({"mid": message["_id"]}), 30)
-
+    daemon, _ = queued_for_online_bob(world, daemon_for, sync_db, delay=3600)
     sync_db.rocketchat_subscription.update_one(
         {"_id": world.bob_dm["_id"]},
         {"$set": {"ls": dt.datetime.now(dt.UTC), "unread": 0, "alert": False}},
@@ -119,10 +126,7 @@ def test_a_message_deleted_before_its_push_is_due_sends_nothing(
 ) -> None:
     """The fire-time recheck reads the message again (once per batch of due entries)."""
     stub, _ = gateway
-    world.db.users.update_one({"_id": world.bob["_id"]}, {"$set": {"status": "online"}})
-    daemon = daemon_for(delay_online=5)
-    message = world.say(world.dm)
-    wait_until(lambda: sync_db.streamer_queue.count_documents({"mid": message["_id"]}), 30)
+    daemon, message = queued_for_online_bob(world, daemon_for, sync_db, delay=5)
     sync_db.rocketchat_message.delete_one({"_id": message["_id"]})
 
     daemon.wait_for_log("queue_entry_dropped", mid=message["_id"], reason="message_deleted")

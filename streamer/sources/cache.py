@@ -25,11 +25,11 @@ every cache is bounded (`CacheLimits`) and a miss falls back to the
 - away since: one entry per user currently away, persisted in the state
   collection (`_id = "away:<uid>"`) so it survives restarts.
 
-Not cached: `message`, `team_members` and `badge` — one indexed query each.
+Not cached: `messages`, `team_members` and `badges` — one indexed query per batch.
 Cached subscriptions carry `unread`/`alert` as of the last change the stream
 lets through: the stream filters out Rocket.Chat's per-message `$inc` of every
 member's `unread` (millions of events per second at scale). Nothing reads them
-from here; `badge` always queries.
+from here; `badges` always query.
 
 Concurrency: a slow miss query never overwrites a newer change from a stream
 (see `Freshness`).
@@ -37,9 +37,9 @@ Concurrency: a slow miss query never overwrites a newer change from a stream
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from bson import Timestamp
@@ -63,6 +63,8 @@ from streamer.model import (
 )
 from streamer.sources.events import PresenceChanged
 from streamer.sources.lru import Expiring, Freshness, Lru
+
+T = TypeVar("T")
 
 log = structlog.get_logger("streamer.sources.cache")
 Doc = dict[str, Any]
@@ -213,15 +215,7 @@ class CachedDirectory:
                 self._rooms.put(rid, found.get(rid))
         unknown = [rid for rid in rids if self._rooms_members.get(rid) is None]
         if unknown:
-            keys = [("room", rid) for rid in unknown]
-            ticket = self._fresh.begin(keys)
-            try:
-                members = await self._fallback.members(unknown)
-            finally:
-                fresh = self._fresh.end(keys, ticket)
-            for rid in unknown:
-                if ("room", rid) in fresh:
-                    self._store_room(rid, members.get(rid, []))
+            await self._load_members(unknown)
         uids = {s.uid for rid in rids for s in (self._rooms_members.get(rid) or {}).values()}
         await self.users(uids)
 
@@ -229,14 +223,26 @@ class CachedDirectory:
         members = self._rooms_members.get(rid)
         if members is not None:
             return list(members.values())
-        ticket = self._fresh.begin([("room", rid)])
+        return (await self._load_members([rid])).get(rid, [])
+
+    async def _load_members(self, rids: list[str]) -> dict[str, list[Subscription]]:
+        members, fresh = await self._query_fresh("room", rids, self._fallback.members)
+        for rid in fresh:
+            self._store_room(rid, members.get(rid, []))
+        return members
+
+    async def _query_fresh(
+        self, kind: str, ids: list[str], query: Callable[[list[str]], Awaitable[T]]
+    ) -> tuple[T, list[str]]:
+        """Query MongoDB for `ids`; also say which of them no change stream touched while
+        the query ran: only those answers may be cached (an older one would stick)."""
+        keys = [(kind, i) for i in ids]
+        ticket = self._fresh.begin(keys)
         try:
-            found = await self._fallback.subscriptions(rid)
+            found = await query(ids)
         finally:
-            fresh = self._fresh.end([("room", rid)], ticket)
-        if fresh:
-            self._store_room(rid, found)
-        return found
+            fresh = self._fresh.end(keys, ticket)
+        return found, [i for i in ids if (kind, i) in fresh]
 
     async def subscription(self, uid: str, rid: str) -> Subscription | None:
         members = self._rooms_members.get(rid)
@@ -254,15 +260,10 @@ class CachedDirectory:
             else:
                 found[uid] = user
         if missing:
-            keys = [("user", uid) for uid in missing]
-            ticket = self._fresh.begin(keys)
-            try:
-                queried = await self._fallback.users(missing)
-            finally:
-                fresh = self._fresh.end(keys, ticket)
-            for uid, user in queried.items():
-                if ("user", uid) in fresh:
-                    self._users.put(uid, user)
+            queried, fresh = await self._query_fresh("user", missing, self._fallback.users)
+            for uid in fresh:
+                if uid in queried:
+                    self._users.put(uid, queried[uid])
             found.update(queried)
         return found
 
@@ -276,15 +277,9 @@ class CachedDirectory:
             elif tokens:
                 found[uid] = list(tokens)
         if missing:
-            keys = [("devices", uid) for uid in missing]
-            ticket = self._fresh.begin(keys)
-            try:
-                queried = await self._fallback.devices(missing)
-            finally:
-                fresh = self._fresh.end(keys, ticket)
-            for uid in missing:
-                if ("devices", uid) in fresh:
-                    self._store_devices(uid, tuple(queried.get(uid, ())))
+            queried, fresh = await self._query_fresh("devices", missing, self._fallback.devices)
+            for uid in fresh:
+                self._store_devices(uid, tuple(queried.get(uid, ())))
             found.update(queried)
         return found
 
