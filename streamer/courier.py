@@ -131,8 +131,7 @@ class Courier:
             badges = await self._directory.badges({e.uid for e in entries if e.kind == "push"})
             return _Batch(messages, badges)
         except BaseException as exc:
-            for entry in entries:
-                await self._hand_back(entry)
+            await self._hand_back(*entries)  # one write, not one per entry
             self._finished(len(entries))
             if not isinstance(exc, PyMongoError):
                 raise
@@ -173,12 +172,12 @@ class Courier:
         finally:
             self._finished()
 
-    async def _hand_back(self, entry: Entry) -> None:
-        """Give the entry back to the queue. If MongoDB is away the write fails, but the
-        entry is back in this instance's schedule and its lease is ours: it is retried
-        once MongoDB answers, and the daemon does not stop for an outage."""
+    async def _hand_back(self, *entries: Entry) -> None:
+        """Give entries back to the queue. If MongoDB is away the write fails, but the
+        entries are back in this instance's schedule and their leases are ours: they are
+        retried once MongoDB answers, and the daemon does not stop for an outage."""
         with anyio.CancelScope(shield=True), contextlib.suppress(PyMongoError):
-            await self._queue.release(entry)
+            await self._queue.release(*entries)
 
     async def deliver(self, entry: Entry, batch: _Batch) -> Result:
         """Send one entry if the rules still want it; a str result is why it was dropped."""

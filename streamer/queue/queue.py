@@ -297,19 +297,20 @@ class Queue:
             )  # fmt: skip
         self._changed_now()
 
-    async def release(self, entry: Entry) -> None:
-        """Give the entry back untouched (its delivery was interrupted, say by shutdown):
-        it stays due, and any instance may take it at once instead of after the lease.
+    async def release(self, *entries: Entry) -> None:
+        """Give entries back untouched (their delivery was interrupted, say by shutdown):
+        they stay due, and any instance may take them at once instead of after the lease.
 
-        Back in the schedule even when the write fails (MongoDB away): the lease is
-        still ours, so this instance takes the entry again once MongoDB is back.
+        Back in the schedule even when the write fails (MongoDB away): the leases are
+        still ours, so this instance takes the entries again once MongoDB is back.
         """
         try:
-            await self._store.release([entry.id])
+            await self._store.release([entry.id for entry in entries])
         finally:
-            self._held.discard(entry.id)
-            self._owned.pop(entry.id, None)
-            self._schedule.put(entry_slot(entry))
+            for entry in entries:
+                self._held.discard(entry.id)
+                self._owned.pop(entry.id, None)
+                self._schedule.put(entry_slot(entry))
             self._changed_now()
 
     async def release_owned(self) -> None:
