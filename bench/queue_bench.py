@@ -62,7 +62,7 @@ def _documents(count: int, seed: int = 1) -> list[Doc]:
             {
                 "_id": entry_id(uid, mid, "push"),
                 "uid": uid, "rid": rng.choice(rooms), "mid": mid, "kind": "push",
-                "due_at": created + delay, "created_at": created, "message_ts": created,
+                "due_at": created + delay, "created_at": created,
                 "attempts": 0, "first_failure_at": None, "last_error": None,
                 "owner": None, "lease_until": 0.0,
             }

@@ -88,7 +88,7 @@ class Ingest:
     async def _entries_for(self, message: Message, settings: Settings, now: float) -> list[Entry]:
         outcome = await decide_message(self._directory, message, settings, self._config, now)
         return [
-            self._entry(decision, kind, message, settings, now)
+            self._entry(decision, kind, settings, now)
             for decision in outcome.decisions
             for kind in self._kinds(decision)
         ]
@@ -101,9 +101,7 @@ class Ingest:
             kinds.append("email")
         return kinds
 
-    def _entry(
-        self, decision: Decision, kind: Kind, message: Message, settings: Settings, now: float
-    ) -> Entry:
+    def _entry(self, decision: Decision, kind: Kind, settings: Settings, now: float) -> Entry:
         return Entry(
             uid=decision.uid,
             rid=decision.rid,
@@ -117,5 +115,4 @@ class Ingest:
                 always_notify_mobile=settings.always_notify_mobile,
             ),
             created_at=now,
-            message_ts=message.ts,
         )

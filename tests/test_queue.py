@@ -69,7 +69,7 @@ def entry(
     """An entry created `age` seconds ago, due `due_in` seconds from now."""
     mid = f"m{next(_mids):05d}"
     created = clock.now - age
-    return Entry(uid, rid, mid, "push", clock.now + due_in, created, message_ts=created)
+    return Entry(uid, rid, mid, "push", clock.now + due_in, created)
 
 
 async def take(queue: Queue) -> Entry:

@@ -34,8 +34,6 @@ class Entry:
     kind: Kind
     due_at: float
     created_at: float
-    #: The message's `ts`, for the fire-time re-check that it is still unread.
-    message_ts: float
     attempts: int = 0
     first_failure_at: float | None = None
     last_error: str | None = None
