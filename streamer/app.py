@@ -3,13 +3,15 @@
     change streams ──▶ Ingest (rules) ──▶ Queue (heap + side collection) ──▶ Courier ──▶ providers
 
 Each arrow is bounded: a stream reads its next batch only after the previous
-one is decided and durably queued, and the courier takes an entry only when a
-delivery slot is free, so a slow gateway slows intake instead of growing memory.
+one is decided and durably queued, and the courier leases only as many due
+entries as there are free delivery slots, so a slow gateway slows intake instead
+of growing memory.
 
 Shutdown is one event (injectable, so tests stop the daemon deterministically):
 set by SIGTERM/SIGINT, it stops the streams (their tokens were saved after the
 last queued batch), lets deliveries in flight finish within `[app]
-shutdown_grace`, hands unfinished entries back to the queue, and returns 0. A
+shutdown_grace`, hands unfinished entries back to the queue, frees the ones
+queued leased to this instance but not yet taken, and returns 0. A
 second signal cancels everything at once.
 """
 
