@@ -16,7 +16,7 @@ import structlog
 
 from streamer import metrics
 from streamer.config import Config
-from streamer.directory import VIEW_DIRECT_MESSAGES, Directory
+from streamer.directory import VIEW_DIRECT_MESSAGES, Directory, one_message
 from streamer.model import MalformedDocument, Message, Room, Settings, Subscription, User
 from streamer.rules import (
     Decision,
@@ -189,7 +189,7 @@ async def _plan(
     active_members: int,
 ) -> MessagePlan:
     """Fetch what the message's side of the rules needs: thread parent, teams, DM roles."""
-    parent = None if message.tmid is None else await _one_message(directory, message.tmid)
+    parent = None if message.tmid is None else await one_message(directory, message.tmid)
     team_members: frozenset[str] = frozenset()
     for mention in message.mentions:
         if mention.type == "team":
@@ -238,7 +238,3 @@ def _count(result: MessageDecisions) -> None:
     for (push, email), n in counts.items():
         metrics.DECISIONS.labels("push", push.code).inc(n)
         metrics.DECISIONS.labels("email", email.code).inc(n)
-
-
-async def _one_message(directory: Directory, mid: str) -> Message | None:
-    return (await directory.messages([mid])).get(mid)

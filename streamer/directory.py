@@ -56,6 +56,11 @@ class Directory(Protocol):
     async def badges(self, uids: Collection[str]) -> dict[str, int]: ...
 
 
+async def one_message(directory: Directory, mid: str) -> Message | None:
+    """One message by id, through the batch lookup; None if missing or malformed."""
+    return (await directory.messages([mid])).get(mid)
+
+
 #: How many bad documents are remembered as already reported (see `parse_or_log`).
 REPORTED_LIMIT = 10_000
 _reported: OrderedDict[tuple[str, str, str], None] = OrderedDict()

@@ -20,7 +20,7 @@ from pymongo.errors import PyMongoError
 
 from streamer.config import Config, override_settings
 from streamer.decisions import decide_message
-from streamer.directory import DatabaseDirectory, Directory
+from streamer.directory import DatabaseDirectory, Directory, one_message
 from streamer.model import Message, Room, Settings, User
 from streamer.queue.policy import due_at
 from streamer.rules import Decision, Reason
@@ -79,7 +79,7 @@ async def explain(
     missing from it counts as away since their document last changed (SPEC §5).
     Raises `ExplainError` when the message, its room or the user cannot be found.
     """
-    message = (await directory.messages([message_id])).get(message_id)
+    message = await one_message(directory, message_id)
     if message is None:
         raise ExplainError(f"message {message_id!r} not found (or its document is malformed)")
     settings = override_settings(await directory.settings(), config)

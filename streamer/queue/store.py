@@ -19,7 +19,7 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.cursor import AsyncCursor
 from pymongo.errors import BulkWriteError
 
-from streamer.groupcommit import GroupCommit
+from streamer.groupcommit import DUPLICATE_KEY, GroupCommit
 from streamer.model import MalformedDocument
 from streamer.queue.entry import Entry
 from streamer.queue.heap import Slot, make_slot
@@ -42,7 +42,6 @@ QUEUE = "streamer_queue"
 QUEUED_BY = "queued_by"
 #: Which lease write took the entry: how a batch lease reads back what it got.
 LEASE_ID = "lease_id"
-_DUPLICATE_KEY = 11000
 _KINDS: frozenset[str] = frozenset({"push", "email"})
 
 
@@ -193,7 +192,7 @@ class QueueStore:
         except BulkWriteError as exc:
             # Two instances upserting one id at once: the loser's duplicate is the
             # idempotence we want; anything else is a real failure.
-            if any(e.get("code") != _DUPLICATE_KEY for e in exc.details["writeErrors"]):
+            if any(e.get("code") != DUPLICATE_KEY for e in exc.details["writeErrors"]):
                 raise
             upserted = {u["index"]: u["_id"] for u in exc.details.get("upserted", [])}
         return {str(key) for key in upserted.values()}
