@@ -2,7 +2,7 @@
 
 One decision pass and one bulk queue write per change-stream batch: the resume
 token is saved only after `on_messages` returns, so everything acknowledged is
-already durable in the queue, and a replayed batch upserts the same entries.
+already durable in the queue, and a replayed batch finds its entries already queued.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ def entry_id(uid: str, mid: str, kind: Kind) -> str:
     """The entry's `_id` in the side collection.
 
     Deterministic, so a replayed change-stream batch, or several instances
-    reading the same message, upsert one document instead of queueing twice.
+    reading the same message, write one document instead of queueing twice.
     """
     return f"{uid}:{mid}:{kind}"
 

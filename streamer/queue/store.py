@@ -14,7 +14,7 @@ from math import isfinite
 from typing import Any
 
 from bson import ObjectId, Timestamp
-from pymongo import DeleteOne, IndexModel, UpdateOne
+from pymongo import DeleteOne, IndexModel
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.cursor import AsyncCursor
 from pymongo.errors import BulkWriteError
@@ -165,37 +165,30 @@ class QueueStore:
     async def insert(
         self, entries: Sequence[Entry], leased: Collection[str] = (), until: float = 0.0
     ) -> set[str]:
-        """Upsert the entries in one unordered batch; the ids that were new.
+        """Insert the entries in one unordered batch; the ids that were new.
 
         An entry already there (a replay, or another instance's insert) is left
-        as it is, so an entry being retried keeps its attempts and due time. The
-        `leased` ones are inserted already leased to this instance until `until`.
+        as it is, so an entry being retried keeps its attempts and due time: its
+        insert fails on the unique `_id`, which is the answer "already queued".
+        A plain insert, not an upsert: mongod then skips the lookup an upsert makes
+        first, a tenth of its CPU per push on the bench. The `leased` ones are
+        inserted already leased to this instance until `until`.
         """
-        requests = [
-            UpdateOne(
-                {"_id": entry.id},
-                {
-                    "$setOnInsert": {
-                        **self._document(entry, leased, until),
-                        QUEUED_BY: self.instance_id,
-                    }
-                },
-                upsert=True,
-            )
+        documents = [
+            {**self._document(entry, leased, until), QUEUED_BY: self.instance_id}
             for entry in entries
         ]
-        if not requests:
+        if not documents:
             return set()
         try:
-            result = await self.collection.bulk_write(requests, ordered=False)
-            upserted: Mapping[int, Any] = result.upserted_ids or {}
+            await self.collection.insert_many(documents, ordered=False)
         except BulkWriteError as exc:
-            # Two instances upserting one id at once: the loser's duplicate is the
-            # idempotence we want; anything else is a real failure.
-            if any(e.get("code") != DUPLICATE_KEY for e in exc.details["writeErrors"]):
+            errors = exc.details["writeErrors"]
+            if any(e.get("code") != DUPLICATE_KEY for e in errors):
                 raise
-            upserted = {u["index"]: u["_id"] for u in exc.details.get("upserted", [])}
-        return {str(key) for key in upserted.values()}
+            failed = {e["index"] for e in errors}
+            return {doc["_id"] for n, doc in enumerate(documents) if n not in failed}
+        return {doc["_id"] for doc in documents}
 
     def _document(self, entry: Entry, leased: Collection[str], until: float) -> Doc:
         if entry.id in leased:
