@@ -286,6 +286,22 @@ async def test_processing_an_entry_sends_the_users_others_first_in_creation_orde
     assert queue.next_due_at() == someone_else.due_at
 
 
+async def test_a_burst_to_an_offline_user_goes_out_in_order_without_moving_entries(
+    make_queue: QueueFactory, clock: Clock, collection: AsyncCollection[Doc]
+) -> None:
+    """Entries already due and created after the one processed follow it anyway:
+    they are neither moved nor is the first one put back (two writes and a lease)."""
+    queue = await make_queue()
+    burst = [entry(clock, age=n, due_in=-n) for n in (3, 2, 1)]  # each due when created
+    await queue.add(burst)
+    due_before = {d["_id"]: d["due_at"] async for d in collection.find()}
+    first = await take(queue)
+    assert first.mid == burst[0].mid
+    assert {d["_id"]: d["due_at"] async for d in collection.find()} == due_before
+    await queue.done(first)
+    assert await deliver_all(queue, 2) == [burst[1].mid, burst[2].mid]
+
+
 async def test_a_retry_in_back_off_does_not_hold_back_the_users_new_entry(
     make_queue: QueueFactory, clock: Clock
 ) -> None:
