@@ -19,7 +19,7 @@ from streamer.model import (
     TEAM_MEMBERS,
     USERS,
 )
-from streamer.sources.cache import CachedDirectory, CacheLimits
+from streamer.sources.cache import SMALL_ROOM, CachedDirectory, CacheLimits
 from streamer.sources.events import PresenceChanged
 from streamer.sources.lru import Freshness, Lru
 from tests import factories as f
@@ -140,8 +140,8 @@ async def test_prefetch_loads_a_batch_of_rooms_in_one_query_per_kind(
         cached = await loaded(watched)
         counter.commands.clear()
         await cached.prefetch({"GENERAL", "random", "DM", "missing"})
-        # rooms, members, and the users not loaded at start (the offline ones)
-        assert counter.commands == ["find"] * 3
+        # rooms, members, the users not loaded at start (the offline ones), devices
+        assert counter.commands == ["find"] * 4
         counter.commands.clear()
         database = DatabaseDirectory(db)
         for rid in ("GENERAL", "random", "DM", "missing"):
@@ -150,7 +150,31 @@ async def test_prefetch_loads_a_batch_of_rooms_in_one_query_per_kind(
             assert by_id(members) == by_id(await database.subscriptions(rid))
             uids = [m.uid for m in members]
             assert await cached.users(uids) == await database.users(uids)
+            devices, expected = await cached.devices(uids), await database.devices(uids)
+            assert {k: by_id(v) for k, v in devices.items()} == {
+                k: by_id(v) for k, v in expected.items()
+            }
         assert counter.commands == []
+    finally:
+        await client.close()
+
+
+async def test_prefetch_leaves_devices_of_a_large_room_to_the_decision(
+    mongo_uri: str, db: AsyncDatabase[Doc]
+) -> None:
+    """Most members of a large room get no push: their devices are not loaded."""
+    big = f.room("BIG", usersCount=SMALL_ROOM + 1)
+    members = [f.user(f"member{n}") for n in range(SMALL_ROOM + 1)]
+    await db[ROOMS].insert_one(big)
+    await db[USERS].insert_many(members)
+    await db[SUBSCRIPTIONS].insert_many([f.subscription(u, big) for u in members])
+    counter = CommandCounter()
+    client: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_uri, event_listeners=[counter])
+    try:
+        cached = await loaded(client[db.name])
+        counter.commands.clear()
+        await cached.prefetch({"BIG"})
+        assert counter.commands == ["find"] * 3  # rooms, members, users
     finally:
         await client.close()
 

@@ -70,6 +70,8 @@ log = structlog.get_logger("streamer.sources.cache")
 Doc = dict[str, Any]
 
 AWAY_PREFIX = "away:"
+#: Rooms of at most this many members have their members' devices prefetched.
+SMALL_ROOM = 50
 #: The user fields the sidecar reads; the rest (login tokens, `__rooms`) stays in MongoDB.
 USER_FIELDS: tuple[str, ...] = (
     "username",
@@ -201,12 +203,14 @@ class CachedDirectory:
         return room
 
     async def prefetch(self, rids: Collection[str]) -> None:
-        """Load what deciding messages in these rooms reads — rooms, members and their
-        users — with one query per kind for a whole change-stream batch.
+        """Load what deciding messages in these rooms reads — rooms, members, their
+        users and, in small rooms, their devices — with one query per kind for a
+        whole change-stream batch.
 
         On a cold cache (a restart, rooms quiet for a while) each message would
-        otherwise cost several round trips, one message after another. Devices are
-        left to the decision: it looks them up only for those a push is for.
+        otherwise cost several round trips, one message after another. In a large
+        room most members get no push (online, muted, not mentioned), so there the
+        decision looks devices up itself, for just those a push is for.
         """
         rooms = [rid for rid in rids if self._rooms.get(rid) is None]
         if rooms:
@@ -216,8 +220,9 @@ class CachedDirectory:
         unknown = [rid for rid in rids if self._rooms_members.get(rid) is None]
         if unknown:
             await self._load_members(unknown)
-        uids = {s.uid for rid in rids for s in (self._rooms_members.get(rid) or {}).values()}
-        await self.users(uids)
+        members = [self._rooms_members.get(rid) or {} for rid in rids]
+        await self.users({uid for room in members for uid in room})
+        await self.devices({uid for room in members if len(room) <= SMALL_ROOM for uid in room})
 
     async def subscriptions(self, rid: str) -> list[Subscription]:
         members = self._rooms_members.get(rid)
