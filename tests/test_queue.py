@@ -414,7 +414,7 @@ async def test_two_instances_never_deliver_an_entry_twice(
     assert {name for name, _ in delivered} == {"a", "b"}
 
 
-async def test_follow_sees_what_another_instance_adds_and_clears(
+async def test_follow_sees_what_another_instance_adds(
     make_queue: QueueFactory, clock: Clock
 ) -> None:
     writer = await make_queue(instance_id="writer")
@@ -423,9 +423,27 @@ async def test_follow_sees_what_another_instance_adds_and_clears(
         await tg.start(follower.follow)
         await writer.add([entry(clock, due_in=30), entry(clock, uid="u2", due_in=40)])
         await wait_until(lambda: len(follower) == 2)
-        await writer.clear_read("u1", "r1")
+        assert follower.next_due_at() == clock.now + 30
+        tg.cancel_scope.cancel()
+
+
+async def test_an_entry_another_instance_delivered_leaves_the_schedule_at_its_lease_end(
+    make_queue: QueueFactory, clock: Clock
+) -> None:
+    """Deletes are not followed (one per push): the refused lease removes the entry."""
+    writer = await make_queue(instance_id="writer")
+    follower = await make_queue(instance_id="follower")
+    lease = QueueConfig().lease_seconds
+    async with anyio.create_task_group() as tg:
+        await tg.start(follower.follow)
+        await writer.add([entry(clock)])  # due now: inserted leased to the writer
         await wait_until(lambda: len(follower) == 1)
-        assert follower.next_due_at() == clock.now + 40
+        assert follower.next_due_at() == clock.now + lease
+        await writer.done(await take(writer))
+        clock.now += lease
+        with anyio.move_on_after(2):
+            await follower.next_due()
+        assert len(follower) == 0
         tg.cancel_scope.cancel()
 
 

@@ -338,9 +338,10 @@ class Queue:
         """Keep the schedule in step with the collection as other instances write it.
 
         Needed when several instances share the collection: it is how one sees
-        entries another inserted, retried or cleared, and takes over entries whose
-        owner died. After any interruption the schedule is rebuilt from the
-        collection, since changes in between were not seen.
+        entries another inserted, retried or leased, and takes over entries whose
+        owner died. Deletes are not followed (see `QueueStore.others_changes`).
+        After any interruption the schedule is rebuilt from the collection, since
+        changes in between were not seen.
         """
         started = False
         resync = False
@@ -371,7 +372,7 @@ class Queue:
             return
         doc = change.get("fullDocument")
         if doc is None:
-            if change.get("operationType") in ("delete", "update", "replace"):
+            if change.get("operationType") in ("update", "replace"):  # deleted meanwhile
                 self._schedule.remove(uid_of(key), key)
                 self._owned.pop(key, None)
                 self._observe()

@@ -196,11 +196,18 @@ class QueueStore:
         return to_document(entry)
 
     def others_changes(self) -> list[Doc]:
-        """A change-stream pipeline leaving out this instance's own inserts and leases.
+        """A change-stream pipeline leaving out this instance's own inserts and leases,
+        and every delete.
 
-        The instance applied those to its schedule when it wrote them; echoed back
-        they cost a lookup each, and an insert echoed after its entry was delivered
-        and deleted would put it back in the schedule, for a refused lease later.
+        The instance applied its own writes to its schedule when it made them; echoed
+        back they cost a lookup each, and an insert echoed after its entry was
+        delivered and deleted would put it back in the schedule, for a refused lease
+        later. Deletes carry no owner to tell them apart, and one comes for every
+        push: following them cost more CPU (mongod's and the daemon's) than any other
+        step of a push but the request itself. None is needed: an entry a read
+        cleared is cleared by every instance from the same subscription change, and
+        one another instance delivered sits in this schedule at its lease expiry,
+        where one refused lease, shared with the rest of the batch, removes it.
         """
         mine = {"$ne": self.instance_id}
         # Written as $or of $ne: mongod 6.0 rejects the equivalent $nor when it
@@ -209,7 +216,7 @@ class QueueStore:
             {
                 "$match": {
                     "$or": [
-                        {"operationType": {"$nin": ["insert", "update"]}},
+                        {"operationType": {"$nin": ["insert", "update", "delete"]}},
                         {"operationType": "insert", f"fullDocument.{QUEUED_BY}": mine},
                         {"operationType": "update", "updateDescription.updatedFields.owner": mine},
                     ]
