@@ -153,11 +153,10 @@ class PushSender:
         claimed = await self._ledger.claim(content.uid, content.mid, unique, self._clock())
         failures: list[_Failure] = []
         try:
-            async with anyio.create_task_group() as tasks:
-                for device in claimed:
-                    tasks.start_soon(self._push_one, content, device, failures)
-        except* PyMongoError as group:
-            raise group.exceptions[0] from None
+            if len(claimed) == 1:  # most users have one phone: no task group (~50 µs)
+                await self._push_one(content, claimed[0], failures)
+            else:
+                await self._push_all(content, claimed, failures)
         finally:
             self._ledger.end(content.uid, content.mid, claimed)
         if not failures:
@@ -167,6 +166,17 @@ class PushSender:
         return self.retries.after_failure(
             error, retry_after, attempts, uid=content.uid, mid=content.mid
         )
+
+    async def _push_all(
+        self, content: PushContent, devices: Sequence[Device], failures: list[_Failure]
+    ) -> None:
+        """Every device at once; a MongoDB error (the ledger) is raised as itself."""
+        try:
+            async with anyio.create_task_group() as tasks:
+                for device in devices:
+                    tasks.start_soon(self._push_one, content, device, failures)
+        except* PyMongoError as group:
+            raise group.exceptions[0] from None
 
     async def _push_one(
         self, content: PushContent, device: Device, failures: list[_Failure]
