@@ -17,6 +17,11 @@ device each, the sender online), and prints three figures from one run:
     seconds until all 10,000 entries are in the queue collection (a change stream
     on it counts the inserts), and until all 10,000 pushes reached the gateway.
 
+To compare two checkouts, run the bench from each one's directory: the daemon
+starts as `python -m streamer` in the current directory, which Python puts
+ahead of PYTHONPATH on `sys.path`, so PYTHONPATH alone does not select the
+daemon's code.
+
 The stub gateway (bench.delivery) is a bare aiohttp server in its own process.
 The daemon logs at warning level, so logging is not what is measured. With
 `--profile FILE` the daemon runs under cProfile (slower; figures are then only
