@@ -122,58 +122,6 @@ async def test_message_updates_and_deletes_are_not_events(db: AsyncDatabase[Doc]
     assert recorder.messages == [first["_id"], second["_id"]]
 
 
-async def test_changes_come_trimmed_so_login_tokens_never_reach_the_daemon(
-    db: AsyncDatabase[Doc],
-) -> None:
-    recorder = Recorder()
-    sources = Sources(
-        db, CONFIG, directory_for(db), recorder.on_messages, recorder.on_reads,
-        recorder.on_presence, FAST,
-    )  # fmt: skip
-    (stream,) = sources.streams
-    secrets = {"resume": {"loginTokens": [{"hashedToken": "secret"}]}}
-    eve = f.user("eve", status="online", services=secrets, __rooms=["GENERAL"])
-    heavy = f.message(GENERAL, ALICE, "hi", md=[{"type": "PARAGRAPH"}], attachments=[{}])
-    async with await db.watch(stream.pipeline, full_document="updateLookup") as changes:
-        await db[USERS].insert_one(eve)
-        await db[USERS].update_one({"_id": eve["_id"]}, {"$set": {"status": "away"}})
-        await db[MESSAGES].insert_one(heavy)
-        inserted, updated, message = [await changes.next() for _ in range(3)]
-    for change in (inserted, updated):
-        assert change["fullDocument"]["username"] == "eve"
-        assert "services" not in change["fullDocument"]
-        assert "__rooms" not in change["fullDocument"]
-    assert updated["fullDocument"]["status"] == "away"
-    assert "md" not in message["fullDocument"]
-    assert message["fullDocument"]["attachments"] == [{}]  # kept: their presence matters
-
-
-class OrderRecorder(Recorder):
-    def __init__(self) -> None:
-        super().__init__()
-        self.order: list[str] = []
-
-    async def on_messages(self, events: Sequence[MessageInserted]) -> None:
-        self.order.append("message")
-        await super().on_messages(events)
-
-    async def on_reads(self, events: Sequence[RoomRead | ThreadRead]) -> None:
-        self.order.append("read")
-        await super().on_reads(events)
-
-
-async def test_a_read_after_a_message_is_handled_after_it(db: AsyncDatabase[Doc]) -> None:
-    """One stream for every collection keeps the order changes happened in."""
-    await db[SUBSCRIPTIONS].insert_one(f.subscription(BOB, GENERAL, unread=1))
-    recorder = OrderRecorder()
-    read = {"$set": {"ls": dt.datetime.now(dt.UTC), "unread": 0}}
-    async with running(db, recorder):
-        await db[MESSAGES].insert_one(f.message(GENERAL, ALICE, "hi"))
-        await db[SUBSCRIPTIONS].update_one({"rid": GENERAL["_id"], "u._id": BOB["_id"]}, read)
-        await wait_until(lambda: len(recorder.order) == 2)
-    assert recorder.order == ["message", "read"]
-
-
 async def test_a_backlog_arrives_in_few_handler_calls(db: AsyncDatabase[Doc]) -> None:
     """While the handler is busy nothing more is read; then the backlog comes as batches."""
     recorder = Recorder()

@@ -22,10 +22,10 @@ from tests.test_sources import ALICE, GENERAL, STATE, Recorder, running, settle,
 
 pytestmark = pytest.mark.anyio
 Doc = dict[str, Any]
-STREAM_TOKEN = "resume:default:changes"
+MESSAGES_TOKEN = "resume:default:messages"
 
 
-async def saved_token(db: AsyncDatabase[Doc], key: str = STREAM_TOKEN) -> Doc | None:
+async def saved_token(db: AsyncDatabase[Doc], key: str = MESSAGES_TOKEN) -> Doc | None:
     doc = await db[STATE].find_one({"_id": key})
     return None if doc is None else doc["token"]
 
@@ -59,7 +59,7 @@ async def test_a_batch_whose_handler_was_cancelled_is_read_again(db: AsyncDataba
 
 
 async def test_a_quiet_streams_token_still_advances(db: AsyncDatabase[Doc]) -> None:
-    """Writes elsewhere move the postBatchResumeToken while nothing is delivered."""
+    """Writes elsewhere move the postBatchResumeToken of a collection nobody writes to."""
     async with running(db, Recorder()):
         await settle(lambda: saved_token(db), lambda token: token is not None)
         first = await saved_token(db)
@@ -67,39 +67,6 @@ async def test_a_quiet_streams_token_still_advances(db: AsyncDatabase[Doc]) -> N
         await db["elsewhere"].insert_one({"_id": "x"})
         await settle(lambda: saved_token(db), lambda token: token["_data"] > first["_data"])
     assert await db[MESSAGES].count_documents({}) == 0
-
-
-async def token_after(db: AsyncDatabase[Doc], collection: str, doc: Doc) -> Doc:
-    """The resume token of inserting `doc`, as that collection's own stream saw it."""
-    async with await db[collection].watch() as stream:
-        await db[collection].insert_one(doc)
-        change = await stream.next()
-    token: Doc = change["_id"]
-    return token
-
-
-async def test_the_tokens_of_one_stream_per_collection_are_carried_over(
-    db: AsyncDatabase[Doc],
-) -> None:
-    """An upgrade from a version with a stream per collection resumes after the oldest
-    of their tokens (the others' changes since are handled again: idempotent), then
-    drops them."""
-    handled, missed = f.message(GENERAL, ALICE, "handled"), f.message(GENERAL, ALICE, "missed")
-    oldest = await token_after(db, MESSAGES, handled)
-    await db[MESSAGES].insert_one(missed)
-    newer = await token_after(db, "users", f.user("newcomer"))
-    await db[STATE].insert_many(
-        [
-            {"_id": "resume:default:messages", "token": oldest},
-            {"_id": "resume:default:users", "token": newer},
-        ]
-    )
-    recorder = Recorder()
-    async with running(db, recorder):
-        await wait_until(lambda: missed["_id"] in recorder.messages)
-        await settle(lambda: db[STATE].count_documents({}), lambda count: count == 1)
-    assert recorder.messages == [missed["_id"]]
-    assert await saved_token(db) is not None
 
 
 async def unresumable_token(db: AsyncDatabase[Doc]) -> Doc:
@@ -116,10 +83,10 @@ async def test_a_lost_token_is_reported_and_the_stream_restarts_from_now(
     db: AsyncDatabase[Doc], kind: str
 ) -> None:
     token = {"_data": "zz"} if kind == "garbage" else await unresumable_token(db)
-    await db[STATE].insert_one({"_id": STREAM_TOKEN, "token": token})
+    await db[STATE].insert_one({"_id": MESSAGES_TOKEN, "token": token})
     skipped, kept = f.message(GENERAL, ALICE, "skipped"), f.message(GENERAL, ALICE, "kept")
     await db[MESSAGES].insert_one(skipped)
-    lost_before = sample("streamer_change_stream_history_lost_total", "changes")
+    lost_before = sample("streamer_change_stream_history_lost_total", "messages")
     recorder = Recorder()
     with capture_logs() as logs:
         async with running(db, recorder):
@@ -127,9 +94,9 @@ async def test_a_lost_token_is_reported_and_the_stream_restarts_from_now(
             await wait_until(lambda: kept["_id"] in recorder.messages)
     assert recorder.messages == [kept["_id"]]
     (report,) = [line for line in logs if line["event"] == "change_stream_history_lost"]
-    assert report["stream"] == "changes"
+    assert report["stream"] == "messages"
     assert report["log_level"] == "error"
-    assert sample("streamer_change_stream_history_lost_total", "changes") == lost_before + 1
+    assert sample("streamer_change_stream_history_lost_total", "messages") == lost_before + 1
     assert await saved_token(db) != token
 
 
@@ -173,7 +140,7 @@ async def test_the_streams_reconnect_after_mongod_dies(
     # is idempotent by message id. Nothing is lost.
     assert set(recorder.messages) == {before["_id"], after["_id"]}
     assert recorder.messages[-1] == after["_id"]
-    assert sample("streamer_mongo_reconnects_total", "changes") >= 1
+    assert sample("streamer_mongo_reconnects_total", "messages") >= 1
 
 
 async def test_the_streams_follow_a_step_down(

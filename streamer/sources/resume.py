@@ -9,7 +9,7 @@ handler did not finish is read again, and downstream is idempotent by message id
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from pymongo.asynchronous.collection import AsyncCollection
@@ -63,21 +63,9 @@ class ResumeTokens:
         )
         self._track(stream, now)
 
-    async def oldest(self, streams: Sequence[str]) -> Mapping[str, Any] | None:
-        """The earliest by cluster time of these streams' saved tokens (not tracked:
-        for carrying tokens over from streams that no longer run)."""
-        keys = [self.key(stream) for stream in streams]
-        tokens = [
-            doc["token"]
-            async for doc in self._state.find({"_id": {"$in": keys}})
-            if isinstance(doc.get("token"), Mapping)
-        ]
-        return min(tokens, key=lambda token: token_time(token) or 0.0, default=None)
-
-    async def drop(self, *streams: str) -> None:
-        await self._state.delete_many({"_id": {"$in": [self.key(s) for s in streams]}})
-        for stream in streams:
-            self._saved_at.pop(stream, None)
+    async def drop(self, stream: str) -> None:
+        await self._state.delete_one({"_id": self.key(stream)})
+        self._saved_at.pop(stream, None)
 
     def saved_at(self, stream: str) -> float:
         """When the token was last saved (0 if never): quiet streams save only now and then."""
