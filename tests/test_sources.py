@@ -122,6 +122,28 @@ async def test_message_updates_and_deletes_are_not_events(db: AsyncDatabase[Doc]
     assert recorder.messages == [first["_id"], second["_id"]]
 
 
+async def test_user_changes_come_trimmed_so_login_tokens_never_reach_the_daemon(
+    db: AsyncDatabase[Doc],
+) -> None:
+    recorder = Recorder()
+    sources = Sources(
+        db, CONFIG, directory_for(db), recorder.on_messages, recorder.on_reads,
+        recorder.on_presence, FAST,
+    )  # fmt: skip
+    (stream,) = [stream for stream in sources.streams if stream.collection is None]
+    secrets = {"resume": {"loginTokens": [{"hashedToken": "secret"}]}}
+    eve = f.user("eve", status="online", services=secrets, __rooms=["GENERAL"])
+    async with await db.watch(stream.pipeline, full_document="updateLookup") as changes:
+        await db[USERS].insert_one(eve)
+        await db[USERS].update_one({"_id": eve["_id"]}, {"$set": {"status": "away"}})
+        inserted, updated = [await changes.next() for _ in range(2)]
+    for change in (inserted, updated):
+        assert change["fullDocument"]["username"] == "eve"
+        assert "services" not in change["fullDocument"]
+        assert "__rooms" not in change["fullDocument"]
+    assert updated["fullDocument"]["status"] == "away"
+
+
 async def test_a_backlog_arrives_in_few_handler_calls(db: AsyncDatabase[Doc]) -> None:
     """While the handler is busy nothing more is read; then the backlog comes as batches."""
     recorder = Recorder()

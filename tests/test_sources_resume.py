@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -16,7 +17,7 @@ from pymongo.errors import ConnectionFailure, NotPrimaryError, PyMongoError
 from structlog.testing import capture_logs
 
 from streamer import devmongo
-from streamer.model import MESSAGES
+from streamer.model import MESSAGES, SETTINGS, SUBSCRIPTIONS
 from tests import factories as f
 from tests.test_sources import ALICE, GENERAL, STATE, Recorder, running, settle, wait_until
 
@@ -67,6 +68,38 @@ async def test_a_quiet_streams_token_still_advances(db: AsyncDatabase[Doc]) -> N
         await db["elsewhere"].insert_one({"_id": "x"})
         await settle(lambda: saved_token(db), lambda token: token["_data"] > first["_data"])
     assert await db[MESSAGES].count_documents({}) == 0
+
+
+async def token_after(db: AsyncDatabase[Doc], collection: str, doc: Doc) -> Doc:
+    """The resume token of inserting `doc`, as that collection's own stream saw it."""
+    async with await db[collection].watch() as stream:
+        await db[collection].insert_one(doc)
+        change = await stream.next()
+    token: Doc = change["_id"]
+    return token
+
+
+async def test_the_tokens_of_one_stream_per_collection_are_carried_over(
+    db: AsyncDatabase[Doc],
+) -> None:
+    """An upgrade from a version with a stream per collection: the database-wide stream
+    resumes after the oldest of the tokens it replaces (the others' changes since are
+    handled again: idempotent), then drops them."""
+    subscription = f.subscription(ALICE, GENERAL, unread=3)
+    oldest = await token_after(db, SUBSCRIPTIONS, subscription)
+    read = {"$set": {"ls": dt.datetime.now(dt.UTC), "unread": 0}}
+    await db[SUBSCRIPTIONS].update_one({"_id": subscription["_id"]}, read)
+    newer = await token_after(db, SETTINGS, {"_id": "Push_enable", "value": True})
+    legacy = {"resume:default:subscriptions": oldest, "resume:default:settings": newer}
+    await db[STATE].insert_many([{"_id": key, "token": token} for key, token in legacy.items()])
+    recorder = Recorder()
+    async with running(db, recorder):
+        await wait_until(lambda: [r.uid for r in recorder.reads] == [ALICE["_id"]])
+        await settle(
+            lambda: db[STATE].count_documents({"_id": {"$in": list(legacy)}}),
+            lambda count: count == 0,
+        )
+    assert await saved_token(db, "resume:default:changes") is not None
 
 
 async def unresumable_token(db: AsyncDatabase[Doc]) -> Doc:

@@ -9,7 +9,7 @@ handler did not finish is read again, and downstream is idempotent by message id
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pymongo.asynchronous.collection import AsyncCollection
@@ -63,9 +63,23 @@ class ResumeTokens:
         )
         self._track(stream, now)
 
-    async def drop(self, stream: str) -> None:
-        await self._state.delete_one({"_id": self.key(stream)})
-        self._saved_at.pop(stream, None)
+    async def oldest(self, streams: Sequence[str]) -> Mapping[str, Any] | None:
+        """The earliest by cluster time of these streams' saved tokens (not tracked:
+        for carrying tokens over from streams that no longer run)."""
+        keys = [self.key(stream) for stream in streams]
+        tokens = [
+            doc["token"]
+            async for doc in self._state.find({"_id": {"$in": keys}})
+            if isinstance(doc.get("token"), Mapping)
+        ]
+        # `_data` starts with the cluster time (seconds, then the increment within the
+        # second) in big-endian hex: as strings, tokens sort by the event they mark.
+        return min(tokens, key=lambda token: str(token.get("_data", "")), default=None)
+
+    async def drop(self, *streams: str) -> None:
+        await self._state.delete_many({"_id": {"$in": [self.key(s) for s in streams]}})
+        for stream in streams:
+            self._saved_at.pop(stream, None)
 
     def saved_at(self, stream: str) -> float:
         """When the token was last saved (0 if never): quiet streams save only now and then."""

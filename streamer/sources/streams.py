@@ -1,8 +1,17 @@
-"""The five change streams: batched, resumable, reconnecting, never crash-looping.
+"""The two change streams: batched, resumable, reconnecting, never crash-looping.
+
+`messages` follows message inserts on their own collection. `changes` is
+database-wide and carries the changes of the four other collections the sidecar
+follows, each with its own filter, handing each run of consecutive changes of
+one collection to that collection's handler. Two streams, not one per
+collection: mongod scans every oplog write once per open stream, Rocket.Chat's
+own writes included. Messages keep a stream of their own: they are most of what
+is read, a collection stream can project each attachment down to one field, and
+that stream's saved token carries on; the other four collections change rarely.
 
 Each stream is read one server batch at a time (one `getMore`): the batch is
-turned into typed events and handed to the next stage in one call, and the
-stream reads nothing more until that call returns (backpressure). Then the
+turned into typed events and handed to the next stage, and the stream reads
+nothing more until that returns (backpressure). Then the
 batch's resume token — the `postBatchResumeToken`, so even an empty batch on a
 quiet collection moves it forward — is saved (`resume.py`). Quiet streams save
 at most every `idle_save_interval` seconds: every save is itself an oplog entry.
@@ -17,11 +26,16 @@ Failures, in order of how they are met:
   If it does not open from "now" either, the token was not the problem and the
   error is raised, with the token kept.
 - a malformed document: logged with its `_id` and skipped (`changes.py`).
+
+Earlier versions ran one stream per collection; the tokens of those `changes`
+replaces are carried over: its first start resumes after the oldest of them,
+then drops them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +72,10 @@ OnMessages = Callable[[Sequence[MessageInserted]], Awaitable[None]]
 OnReads = Callable[[Sequence[RoomRead | ThreadRead]], Awaitable[None]]
 OnPresence = Callable[[Sequence[PresenceChanged]], Awaitable[None]]
 
+#: The database-wide stream's name in saved tokens, metrics and log lines.
+CHANGES = "changes"
+#: The per-collection streams of earlier versions that `changes` replaces.
+LEGACY_STREAMS = ("subscriptions", "users", "settings", "push_tokens")
 #: Message fields the rules read (SPEC §2). Of the attachments only their
 #: presence matters: projecting one sub-field keeps one (maybe empty) object each.
 MESSAGE_FIELDS = (
@@ -79,9 +97,9 @@ USER_WATCHED_FIELDS = (
 RESUMABLE_CODES = frozenset(
     {6, 7, 43, 89, 91, 133, 150, 189, 234, 262, 9001, 10107, 11600, 11602, 13435, 13436}
 )
-CHANGE_EVENT_FIELDS = ("operationType", "clusterTime", "wallTime", "documentKey")
 #: A read zeroes `unread`; the per-message `$inc` of it is filtered out.
 UNREAD_ZEROED = {"updateDescription.updatedFields.unread": 0}
+CHANGE_EVENT_FIELDS = ("operationType", "clusterTime", "wallTime", "documentKey")
 #: Seconds to close a stream's server cursor at shutdown before giving up on it.
 CLOSE_TIMEOUT = 2.0
 
@@ -103,13 +121,27 @@ class StreamTuning:
     reconnect_max: float = 30.0
 
 
+Handler = Callable[[Sequence[Change]], Awaitable[None]]
+
+
 @dataclass(frozen=True, slots=True)
 class Stream:
     name: str
-    collection: str
+    #: None: every collection of the database.
+    collection: str | None
     pipeline: list[Doc]
     full_document: str | None
-    handle: Callable[[Sequence[Change]], Awaitable[None]]
+    handle: Handler
+    #: Streams of earlier versions whose saved tokens this one takes over.
+    carries: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Which changes of one collection matter (None: all), and who handles them."""
+
+    match: Doc | None
+    handle: Handler
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -143,7 +175,14 @@ class Sources:
         self._tokens = ResumeTokens(
             db[config.mongo.state_collection], config.app.instance_id or "default"
         )
-        self.streams = self._streams()
+        self._routes = self._make_routes()
+        self.streams = [
+            Stream("messages", MESSAGES, _messages_pipeline(), None, self._messages),
+            Stream(
+                CHANGES, None, _pipeline(self._routes), "updateLookup", self._dispatch,
+                carries=LEGACY_STREAMS,
+            ),
+        ]  # fmt: skip
         self._open: set[str] = set()
 
     @property
@@ -155,28 +194,24 @@ class Sources:
             for stream in self.streams:
                 tg.start_soon(self._follow, stream, name=f"stream:{stream.name}")
 
-    def _streams(self) -> list[Stream]:
-        return [
-            Stream("messages", MESSAGES, _messages_pipeline(), None, self._messages),
-            Stream(
-                "subscriptions",
-                SUBSCRIPTIONS,
-                _updates_of(SUBSCRIPTION_FIELDS, also=UNREAD_ZEROED),
-                "updateLookup",
-                self._subscriptions,
+    def _make_routes(self) -> dict[str, Route]:
+        return {
+            SUBSCRIPTIONS: Route(
+                _updates_of(SUBSCRIPTION_FIELDS, also=UNREAD_ZEROED), self._subscriptions
             ),
-            Stream("users", USERS, _users_pipeline(), "updateLookup", self._users),
-            Stream(
-                "settings",
-                SETTINGS,
-                [{"$match": {"documentKey._id": {"$in": sorted(SETTING_IDS)}}}],
-                "updateLookup",
-                self._settings,
-            ),
-            Stream("push_tokens", PUSH_TOKENS, [], "updateLookup", self._tokens_changed),
-        ]
+            USERS: Route(_updates_of(USER_WATCHED_FIELDS), self._users),
+            SETTINGS: Route({"documentKey._id": {"$in": sorted(SETTING_IDS)}}, self._settings),
+            PUSH_TOKENS: Route(None, self._tokens_changed),
+        }
 
-    # --- what each stream does with a batch --------------------------------------
+    async def _dispatch(self, batch: Sequence[Change]) -> None:
+        """Each run of consecutive changes of one collection to its handler, in order."""
+        for collection, run in itertools.groupby(batch, key=collection_of):
+            route = self._routes.get(collection or "")
+            if route is not None:
+                await route.handle(list(run))
+
+    # --- what each collection's changes do ----------------------------------------
 
     async def _messages(self, batch: Sequence[Change]) -> None:
         metrics.MESSAGES_SEEN.inc(len(batch))
@@ -225,12 +260,18 @@ class Sources:
         that, so the caller backs off.
         """
         token = await self._tokens.load(stream.name)
+        carried = token is None and bool(stream.carries)
+        if carried:
+            token = await self._tokens.oldest(stream.carries)
         changes, batch = await self._open_stream(stream, token)
         self._open.add(stream.name)
         delivered = False
         try:
             while True:
                 await self._deliver(stream, changes, batch)
+                if carried:  # the first batch saved this stream's own token
+                    await self._tokens.drop(*stream.carries)
+                    carried = False
                 delivered = True
                 if not changes.alive:
                     log.warning("change_stream_invalidated", stream=stream.name)
@@ -285,8 +326,9 @@ class Sources:
                 return
             key = batch[0].get("documentKey")
             doc_id = key.get("_id") if isinstance(key, Mapping) else None
-            log.exception("change_skipped", stream=stream.name, doc_id=doc_id)
-            metrics.MALFORMED_DOCUMENTS.labels(stream.collection).inc()
+            collection = collection_of(batch[0]) or stream.collection or "unknown"
+            log.exception("change_skipped", collection=collection, doc_id=doc_id)
+            metrics.MALFORMED_DOCUMENTS.labels(collection).inc()
 
     async def _open_stream(
         self, stream: Stream, token: Mapping[str, Any] | None
@@ -307,7 +349,8 @@ class Sources:
         self, stream: Stream, start_after: Mapping[str, Any] | None = None, start_at: Any = None
     ) -> tuple[AsyncChangeStream[Doc], list[Change]]:
         """Open the stream and read its first batch: a bad token may fail either step."""
-        changes = await self._db[stream.collection].watch(
+        target = self._db if stream.collection is None else self._db[stream.collection]
+        changes = await target.watch(
             stream.pipeline,
             full_document=stream.full_document,
             start_after=start_after,
@@ -377,19 +420,47 @@ def _log_reconnect(stream: str, state: RetryCallState) -> None:
     metrics.RECONNECTS.labels(stream).inc()
 
 
+def collection_of(change: Change) -> str | None:
+    ns = change.get("ns")
+    collection = ns.get("coll") if isinstance(ns, Mapping) else None
+    return collection if isinstance(collection, str) else None
+
+
+def _pipeline(routes: Mapping[str, Route]) -> list[Doc]:
+    """Each collection's changes that pass its filter, users trimmed."""
+    alternatives = [
+        {"ns.coll": collection}
+        if route.match is None
+        else {"$and": [{"ns.coll": collection}, route.match]}
+        for collection, route in routes.items()
+    ]
+    trimmed = {"$switch": {"branches": [_trim_users()], "default": "$fullDocument"}}
+    return [{"$match": {"$or": alternatives}}, {"$set": {"fullDocument": trimmed}}]
+
+
+def _trim_users() -> Doc:
+    """A `$switch` branch: a user document cut down to the fields the sidecar reads,
+    which is what keeps login tokens and `services` out of this process. Written as
+    an expression (a field missing from the document stays missing) because a
+    projection cannot differ by collection."""
+    picked: Doc = {}
+    for field in ("_id", *USER_FIELDS):
+        *parents, leaf = field.split(".")
+        node = picked
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = f"$fullDocument.{field}"
+    is_document = {"$eq": [{"$type": "$fullDocument"}, "object"]}
+    return {"case": {"$and": [{"$eq": ["$ns.coll", USERS]}, is_document]}, "then": picked}
+
+
 def _messages_pipeline() -> list[Doc]:
     projection = dict.fromkeys(CHANGE_EVENT_FIELDS, 1)
     projection.update({f"fullDocument.{field}": 1 for field in MESSAGE_FIELDS})
     return [{"$match": {"operationType": "insert"}}, {"$project": projection}]
 
 
-def _users_pipeline() -> list[Doc]:
-    projection = dict.fromkeys((*CHANGE_EVENT_FIELDS, "updateDescription"), 1)
-    projection.update({f"fullDocument.{field}": 1 for field in ("_id", *USER_FIELDS)})
-    return [*_updates_of(USER_WATCHED_FIELDS), {"$project": projection}]
-
-
-def _updates_of(fields: Sequence[str], also: Doc | None = None) -> list[Doc]:
+def _updates_of(fields: Sequence[str], also: Doc | None = None) -> Doc:
     """Inserts, replaces and deletes, and the updates that set or remove one of `fields`."""
     pattern = f"^({'|'.join(fields)})(\\.|$)"
 
@@ -416,4 +487,4 @@ def _updates_of(fields: Sequence[str], also: Doc | None = None) -> list[Doc]:
     ]
     if also:
         alternatives.append(also)
-    return [{"$match": {"$or": alternatives}}]
+    return {"$or": alternatives}
