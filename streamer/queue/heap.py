@@ -95,18 +95,20 @@ class Schedule:
         self._forgotten(uid, entries, 1)
         return True
 
-    def remove_user(self, uid: str) -> int:
+    def remove_user(self, uid: str) -> list[str]:
+        """Remove the user's entries; their keys."""
         entries = self._users.pop(uid, {})
         self._forgotten(uid, entries, len(entries))
-        return len(entries)
+        return list(entries)
 
-    def remove_room(self, uid: str, rid: str) -> int:
+    def remove_room(self, uid: str, rid: str) -> list[str]:
+        """Remove the user's entries of one room; their keys."""
         entries = self._users.get(uid, {})
         keys = [key for key, slot in entries.items() if slot.rid == rid]
         for key in keys:
             del entries[key]
         self._forgotten(uid, entries, len(keys))
-        return len(keys)
+        return keys
 
     def _forgotten(self, uid: str, entries: dict[str, Slot], count: int) -> None:
         self._live -= count

@@ -121,14 +121,12 @@ class Queue:
         """The user read `rid`: remove their queued entries (all, or that room's)."""
         if self._config.clear_on_read == "room":
             cleared = await self._store.delete_room(uid, rid)
-            self._schedule.remove_room(uid, rid)
+            removed = self._schedule.remove_room(uid, rid)
         else:
             cleared = await self._store.delete_user(uid)
-            self._schedule.remove_user(uid)
-        whole_user = self._config.clear_on_read != "room"
-        for key, (entry, _) in list(self._owned.items()):
-            if entry.uid == uid and (whole_user or entry.rid == rid):
-                del self._owned[key]
+            removed = self._schedule.remove_user(uid)
+        for key in removed:  # an owned entry is in the schedule until it is taken
+            self._owned.pop(key, None)
         metrics.QUEUE_CLEARED.inc(cleared)
         if cleared:
             log.info("queue_cleared_on_read", uid=uid, rid=rid, cleared=cleared)
