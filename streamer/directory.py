@@ -170,8 +170,11 @@ class DatabaseDirectory:
     async def badges(self, uids: Collection[str]) -> dict[str, int]:
         """Each user's unread count over their rooms (the app's badge); 0 when none.
 
-        One aggregation for a batch of recipients, not one per push.
+        One aggregation for a batch of recipients, not one per push, and none for a
+        batch of emails only.
         """
+        if not uids:
+            return {}
         pipeline: list[Doc] = [
             {"$match": {"u._id": {"$in": list(uids)}, "archived": {"$ne": True}}},
             {"$group": {"_id": "$u._id", "unread": {"$sum": "$unread"}}},

@@ -179,6 +179,17 @@ async def test_prefetch_leaves_devices_of_a_large_room_to_the_decision(
         await client.close()
 
 
+async def test_badges_of_nobody_query_nothing(mongo_uri: str, db: AsyncDatabase[Doc]) -> None:
+    """A due batch of emails only has no push to badge: no aggregation runs."""
+    counter = CommandCounter()
+    client: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_uri, event_listeners=[counter])
+    try:
+        assert await DatabaseDirectory(client[db.name]).badges(set()) == {}
+        assert counter.commands == []
+    finally:
+        await client.close()
+
+
 async def test_tiny_bounds_still_give_the_same_answers(db: AsyncDatabase[Doc]) -> None:
     await seed(db)
     limits = CacheLimits(users=2, device_owners=1, subscriptions=2, tunreads=1, rooms=1)

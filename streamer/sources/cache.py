@@ -198,9 +198,15 @@ class CachedDirectory:
         cached = self._rooms.get(rid)
         if cached is not None:
             return cached[0]
-        room = await self._fallback.room(rid)
-        self._rooms.put(rid, room)
-        return room
+        return (await self._load_rooms([rid]))[rid]
+
+    async def _load_rooms(self, rids: list[str]) -> dict[str, Room | None]:
+        """Query rooms and cache the answers, "no such room" included."""
+        found = await self._fallback.rooms(rids)
+        loaded = {rid: found.get(rid) for rid in rids}
+        for rid, room in loaded.items():
+            self._rooms.put(rid, room)
+        return loaded
 
     async def prefetch(self, rids: Collection[str]) -> None:
         """Load what deciding messages in these rooms reads — rooms, members, their
@@ -214,9 +220,7 @@ class CachedDirectory:
         """
         rooms = [rid for rid in rids if self._rooms.get(rid) is None]
         if rooms:
-            found = await self._fallback.rooms(rooms)
-            for rid in rooms:
-                self._rooms.put(rid, found.get(rid))
+            await self._load_rooms(rooms)
         unknown = [rid for rid in rids if self._rooms_members.get(rid) is None]
         if unknown:
             await self._load_members(unknown)
