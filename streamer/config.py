@@ -127,7 +127,8 @@ class LogConfig:
 @dataclass(frozen=True, slots=True)
 class AppConfig:
     shutdown_grace: float = 10.0
-    #: Unset: hostname and pid; names this instance's leases in the queue.
+    #: Names this instance's leases in the queue (unset: hostname and pid) and its
+    #: saved change-stream positions (unset: "default"; see sources/resume.py).
     instance_id: str | None = None
 
 

@@ -302,6 +302,21 @@ async def check_registration(ctx: Context) -> Check:
     return _pass(name, f"workspace {ctx.settings.cloud_workspace_id} is registered")
 
 
+async def check_gateway_setting(ctx: Context) -> Check:
+    name = "Push Gateway enabled in Rocket.Chat"
+    if not ctx.settings.push_enable_gateway:
+        return Check(
+            name,
+            Status.WARN,
+            "setting Push_enable_gateway is false, but streamer sends through the gateway "
+            '([delivery] mode = "gateway"); the gateway only accepts the official apps\' tokens',
+            "With the official apps, turn on Administration > Settings > Push > Enable Gateway; "
+            'with your own white-labelled app, use [delivery] mode = "direct" and its FCM and '
+            "APNs credentials.",
+        )
+    return _pass(name, "Push_enable_gateway is true")
+
+
 async def check_workspace_token(ctx: Context) -> Check:
     name = "Workspace access token"
     token = ctx.workspace_token
@@ -376,6 +391,8 @@ async def _probe_gateway(ctx: Context, url: str) -> tuple[bool, str]:
     status = response.status_code
     if status in (401, 403):
         return False, f"{url} rejected the workspace token ({status})"
+    if status in (404, 405):
+        return False, f"{url} answered {status}: no Push Gateway at that address"
     if status == 429 or status >= 500:
         return False, f"{url} answered {status}; it is failing or rate-limiting"
     return True, f"{url} accepted the workspace token (answered {status} to a probe)"
@@ -459,6 +476,7 @@ _COMMON: list[CheckFunction] = [
 _CHECKS: dict[str, list[CheckFunction]] = {
     "gateway": [
         *_COMMON[:2],
+        check_gateway_setting,
         check_registration,
         check_workspace_token,
         check_gateways,

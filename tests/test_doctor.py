@@ -114,7 +114,7 @@ async def test_a_healthy_gateway_deployment_passes_every_check(
     await seed_healthy(db)
     checks = await run_checks(config, db, http)
     assert [c for c in checks if c.status is not Status.PASS] == []
-    assert len(checks) == 10
+    assert len(checks) == 11
     probe = gateway[0].received(GATEWAY_PATH)
     assert len(probe) == 1
     assert probe[0].headers["authorization"] == f"Bearer {WORKSPACE_TOKEN}"
@@ -218,6 +218,28 @@ async def test_a_gateway_that_rejects_the_token_fails(
     check = only_failure(await run_checks(config, db, http))
     assert "rejected the workspace token (401)" in check.detail
     assert "Sync" in check.fix
+
+
+async def test_an_address_that_is_no_gateway_fails(
+    db: AsyncDatabase[Doc], config: Config, http: httpx.AsyncClient, gateway: tuple[StubApp, str]
+) -> None:
+    """A wrong Push_gateway (a web server, not a gateway) answers 404: not "accepted"."""
+    await seed_healthy(db)
+    gateway[0].script(GATEWAY_PATH, Reply(status=404, body={"error": "not found"}))
+    check = only_failure(await run_checks(config, db, http))
+    assert "answered 404: no Push Gateway at that address" in check.detail
+
+
+async def test_the_gateway_switched_off_in_rocketchat_warns_in_gateway_mode(
+    db: AsyncDatabase[Doc], config: Config, http: httpx.AsyncClient
+) -> None:
+    await seed_healthy(db)
+    await set_setting(db, "Push_enable_gateway", False)
+    checks = await run_checks(config, db, http)
+    assert failed(checks) == []
+    check = by_name(checks)["Push Gateway enabled in Rocket.Chat"]
+    assert check.status is Status.WARN
+    assert 'mode = "direct"' in check.fix
 
 
 async def test_an_unreachable_gateway_fails_and_a_working_one_only_warns(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -17,9 +18,19 @@ from pymongo.errors import ConnectionFailure, NotPrimaryError, PyMongoError
 from structlog.testing import capture_logs
 
 from streamer import devmongo
+from streamer.config import AppConfig
 from streamer.model import MESSAGES, SETTINGS, SUBSCRIPTIONS
 from tests import factories as f
-from tests.test_sources import ALICE, GENERAL, STATE, Recorder, running, settle, wait_until
+from tests.test_sources import (
+    ALICE,
+    CONFIG,
+    GENERAL,
+    STATE,
+    Recorder,
+    running,
+    settle,
+    wait_until,
+)
 
 pytestmark = pytest.mark.anyio
 Doc = dict[str, Any]
@@ -100,6 +111,32 @@ async def test_the_tokens_of_one_stream_per_collection_are_carried_over(
             lambda count: count == 0,
         )
     assert await saved_token(db, "resume:default:changes") is not None
+
+
+async def test_a_renamed_instance_picks_up_where_the_old_name_left_off(
+    db: AsyncDatabase[Doc],
+) -> None:
+    """Setting `instance_id` for the first time finds no token of its own: it resumes
+    at another instance's newest, not at "now", so what came in between is not lost."""
+    before, during, after = (f.message(GENERAL, ALICE, text) for text in ("a", "b", "c"))
+    first, renamed = Recorder(), Recorder()
+    async with running(db, first):
+        await db[MESSAGES].insert_one(before)
+        await wait_until(lambda: first.messages == [before["_id"]])
+    await db[MESSAGES].insert_one(during)
+    config = dataclasses.replace(CONFIG, app=AppConfig(instance_id="host1"))
+    with capture_logs() as logs:
+        async with running(db, renamed, config=config):
+            await db[MESSAGES].insert_one(after)
+            await wait_until(lambda: after["_id"] in renamed.messages)
+    assert renamed.messages == [during["_id"], after["_id"]]
+    picked_up = {
+        line["stream"]: line["saved_by"]
+        for line in logs
+        if line["event"] == "resume_from_other_instance"
+    }
+    assert picked_up == {"messages": MESSAGES_TOKEN, "changes": "resume:default:changes"}
+    assert await saved_token(db, "resume:host1:messages") is not None
 
 
 async def unresumable_token(db: AsyncDatabase[Doc]) -> Doc:

@@ -4,6 +4,12 @@ One document per (instance, stream): `_id = "resume:<instance>:<stream>"`, holdi
 the resume token saved after the batch it ends was handled. Saving after the
 handler (never before) is what makes a restart lose nothing: a batch whose
 handler did not finish is read again, and downstream is idempotent by message id.
+
+An instance with no token of its own for a stream (its `instance_id` was set or
+changed, or it joins instances already running) picks up at the newest token
+another instance saved for that stream rather than at "now": the changes in
+between were handled by that instance, or are handled again (idempotent), and
+none is skipped.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import structlog
 from pymongo.asynchronous.collection import AsyncCollection
 
 from streamer import metrics
 
+log = structlog.get_logger("streamer.sources.resume")
 Doc = dict[str, Any]
 
 
@@ -32,6 +40,12 @@ def token_time(token: Mapping[str, Any] | None) -> float | None:
         return float(int(data[2:10], 16))
     except ValueError:
         return None
+
+
+def _event_order(token: Mapping[str, Any]) -> str:
+    """`_data` starts with the cluster time (seconds, then the increment within the
+    second) in big-endian hex: as strings, tokens sort by the event they mark."""
+    return str(token.get("_data", ""))
 
 
 class ResumeTokens:
@@ -72,9 +86,26 @@ class ResumeTokens:
             async for doc in self._state.find({"_id": {"$in": keys}})
             if isinstance(doc.get("token"), Mapping)
         ]
-        # `_data` starts with the cluster time (seconds, then the increment within the
-        # second) in big-endian hex: as strings, tokens sort by the event they mark.
-        return min(tokens, key=lambda token: str(token.get("_data", "")), default=None)
+        return min(tokens, key=_event_order, default=None)
+
+    async def newest_elsewhere(self, stream: str) -> Mapping[str, Any] | None:
+        """The latest token any other instance saved for this stream (not tracked)."""
+        others = {"stream": stream, "_id": {"$regex": "^resume:", "$ne": self.key(stream)}}
+        docs = [
+            doc async for doc in self._state.find(others) if isinstance(doc.get("token"), Mapping)
+        ]
+        if not docs:
+            return None
+        newest = max(docs, key=lambda doc: _event_order(doc["token"]))
+        log.info(
+            "resume_from_other_instance",
+            stream=stream,
+            instance=self._instance,
+            saved_by=newest["_id"],
+            why="no position saved under this instance_id",
+        )
+        token: Mapping[str, Any] = newest["token"]
+        return token
 
     async def drop(self, *streams: str) -> None:
         await self._state.delete_many({"_id": {"$in": [self.key(s) for s in streams]}})

@@ -263,6 +263,8 @@ class Sources:
         carried = token is None and bool(stream.carries)
         if carried:
             token = await self._tokens.oldest(stream.carries)
+        if token is None:
+            token = await self._tokens.newest_elsewhere(stream.name)
         changes, batch = await self._open_stream(stream, token)
         self._open.add(stream.name)
         delivered = False
@@ -335,6 +337,7 @@ class Sources:
     ) -> tuple[AsyncChangeStream[Doc], list[Change]]:
         """Open after the saved token; with none (first start), where the caches were loaded."""
         if token is None:
+            log.info("change_stream_first_start", stream=stream.name, at="cache load time")
             return await self._watch(stream, start_at=self._directory.loaded_at)
         try:
             return await self._watch(stream, start_after=token)
