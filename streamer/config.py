@@ -10,6 +10,7 @@ config is a notification nobody receives.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 import types
@@ -262,6 +263,8 @@ def _coerce(value: Any, expected: Any, where: str, secret: bool = False) -> Any:
         return str(value)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(f"{where}: expected {expected.__name__}, got {got}")
+    if expected is float and not math.isfinite(value):
+        raise ConfigError(f"{where}: expected a finite number, got {got}")
     return value
 
 

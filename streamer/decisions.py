@@ -196,8 +196,7 @@ async def _plan(
             team_members |= await directory.team_members(mention.id)
     dm_roles = None
     if room.type == "d":
-        # A database without the permission document is treated as unrestricted.
-        dm_roles = await directory.roles_with_permission(VIEW_DIRECT_MESSAGES) or None
+        dm_roles = await directory.roles_with_permission(VIEW_DIRECT_MESSAGES)
     return plan_message(
         message,
         room,

@@ -33,6 +33,7 @@ from streamer.model import (
     Settings,
     Subscription,
     User,
+    finite_number,
 )
 
 log = structlog.get_logger("streamer.directory")
@@ -52,7 +53,7 @@ class Directory(Protocol):
     async def devices(self, uids: Collection[str]) -> dict[str, list[PushToken]]: ...
     async def messages(self, mids: Collection[str]) -> dict[str, Message]: ...
     async def team_members(self, team_id: str) -> frozenset[str]: ...
-    async def roles_with_permission(self, permission: str) -> frozenset[str]: ...
+    async def roles_with_permission(self, permission: str) -> frozenset[str] | None: ...
     async def badges(self, uids: Collection[str]) -> dict[str, int]: ...
 
 
@@ -160,9 +161,13 @@ class DatabaseDirectory:
         cursor = self._db[TEAM_MEMBERS].find({"teamId": team_id}, {"userId": 1})
         return frozenset([d["userId"] async for d in cursor if isinstance(d.get("userId"), str)])
 
-    async def roles_with_permission(self, permission: str) -> frozenset[str]:
+    async def roles_with_permission(self, permission: str) -> frozenset[str] | None:
+        """The roles granted it; None when the database has no such permission at all
+        (one Rocket.Chat never seeded): unrestricted, rather than denied to everyone."""
         doc = await self._db[PERMISSIONS].find_one({"_id": permission})
-        roles = doc.get("roles") if doc else None
+        if doc is None:
+            return None
+        roles = doc.get("roles")
         if not isinstance(roles, list):
             return frozenset()
         return frozenset(r for r in roles if isinstance(r, str))
@@ -181,7 +186,7 @@ class DatabaseDirectory:
         ]
         counts = dict.fromkeys(uids, 0)
         async for row in await self._db[SUBSCRIPTIONS].aggregate(pipeline):
-            unread = row.get("unread")
-            if row.get("_id") in counts and isinstance(unread, int | float):
+            unread = finite_number(row.get("unread"))
+            if row.get("_id") in counts and unread is not None:
                 counts[row["_id"]] = int(unread)
         return counts

@@ -13,6 +13,7 @@ compare, heap-friendly, and free of timezone mistakes.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -65,15 +66,21 @@ def shortened(text: str) -> str:
     return f"{text[:WHY_LIMIT]}… ({len(text)} characters)"
 
 
+def finite_number(value: object) -> float | None:
+    """An int or a float other than NaN and ±Infinity (a BSON double may hold them;
+    they break `int()`, dates and every comparison), else None."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
 def to_epoch(value: object) -> float | None:
     """A BSON date (naive = UTC, as pymongo returns it), an epoch number, or None."""
     if isinstance(value, dt.datetime):
         if value.tzinfo is None:
             value = value.replace(tzinfo=dt.UTC)
         return value.timestamp()
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    return None
+    return finite_number(value)
 
 
 class _Reader:
@@ -126,9 +133,10 @@ class _Reader:
         value = self.doc.get(key)
         if value is None:
             return 0
-        if not isinstance(value, int | float) or isinstance(value, bool):
+        number = finite_number(value)
+        if number is None:
             raise self.fail(f"{key} is not a number")
-        return int(value)
+        return int(number)
 
     def strings(self, key: str) -> tuple[str, ...]:
         value = self.doc.get(key)
@@ -462,10 +470,14 @@ def _as_bool(value: object) -> Any:
 
 
 def _as_int(value: object) -> Any:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value.strip())
+    number = finite_number(value)
+    if number is not None:
+        return int(number)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return _INVALID
     return _INVALID
 
 

@@ -102,6 +102,8 @@ def test_unknown_env_key_names_the_variable() -> None:
         ("[delivery]\nconcurrency = true\n", r"concurrency: expected int, got True"),
         ('[queue]\nclear_on_read = "all"\n', r"expected 'user' or 'room', got 'all'"),
         ("[delivery]\ngateway_urls = [1]\n", r"expected a list of strings"),
+        ("[queue]\ndelay_online = nan\n", r"delay_online: expected a finite number, got nan"),
+        ("[app]\nshutdown_grace = inf\n", r"shutdown_grace: expected a finite number, got inf"),
     ],
 )
 def test_wrong_type_says_what_was_expected(tmp_path: Path, toml: str, message: str) -> None:

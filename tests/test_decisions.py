@@ -139,12 +139,23 @@ async def test_team_mention_expands_through_team_members(db: AsyncDatabase[Doc])
     assert decisions["u-bob"] == (Reason.NOT_MENTIONED, Reason.NOT_MENTIONED)
 
 
-async def test_direct_message_needs_view_d_room(db: AsyncDatabase[Doc]) -> None:
+@pytest.mark.parametrize(
+    ("roles", "guest_reason"),
+    [
+        (["admin", "user"], Reason.DM_PERMISSION_MISSING),
+        ([], Reason.DM_PERMISSION_MISSING),  # taken from every role: nobody is notified
+        (None, Reason.DIRECT_MESSAGE),  # no permission document: unrestricted
+    ],
+)
+async def test_direct_message_needs_view_d_room(
+    db: AsyncDatabase[Doc], roles: list[str] | None, guest_reason: Reason
+) -> None:
     room = f.room("DM3", t="d")
     await seed(db, room, ALICE, f.user("guest", roles=["guest"]))
-    await db[PERMISSIONS].insert_one({"_id": "view-d-room", "roles": ["admin", "user"]})
+    if roles is not None:
+        await db[PERMISSIONS].insert_one({"_id": "view-d-room", "roles": roles})
     decisions = by_user(await decide(db, await post(db, f.message(room, ALICE))))
-    assert decisions["u-guest"] == (Reason.DM_PERMISSION_MISSING, Reason.DM_PERMISSION_MISSING)
+    assert decisions["u-guest"] == (guest_reason, guest_reason)
 
 
 @pytest.mark.parametrize(

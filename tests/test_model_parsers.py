@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 import pytest
 
@@ -96,3 +97,21 @@ def test_settings_bad_values_fall_back_with_a_problem() -> None:
     assert settings.problems == (
         "setting Notifications_Max_Room_Members='abc' has the wrong type; default used",
     )
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, "--5", "²", 1e400])
+def test_a_number_no_int_can_hold_is_a_bad_setting_not_a_crash(value: object) -> None:
+    settings = Settings.from_values({"Notifications_Max_Room_Members": value, "SMTP_Port": value})
+    assert (settings.max_room_members, settings.smtp_port) == (
+        Settings().max_room_members,
+        Settings().smtp_port,
+    )
+    assert len(settings.problems) == 2
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_a_non_finite_count_or_date_is_a_malformed_document(value: float) -> None:
+    with pytest.raises(MalformedDocument, match="unread is not a number"):
+        Subscription.from_doc(f.subscription(ALICE, GENERAL, unread=value))
+    with pytest.raises(MalformedDocument, match="ts is not a date"):
+        Message.from_doc({**f.message(GENERAL, ALICE), "ts": value})

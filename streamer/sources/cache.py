@@ -60,6 +60,7 @@ from streamer.model import (
     Settings,
     Subscription,
     User,
+    finite_number,
 )
 from streamer.sources.events import PresenceChanged
 from streamer.sources.lru import Expiring, Freshness, Lru
@@ -90,9 +91,9 @@ async def load_away_since(state: AsyncCollection[Doc]) -> dict[str, float]:
     """Every persisted "away since" instant, by user id (also for `streamer explain`)."""
     cursor = state.find({"_id": {"$regex": f"^{AWAY_PREFIX}"}})
     return {
-        doc["_id"][len(AWAY_PREFIX) :]: float(doc["since"])
+        doc["_id"][len(AWAY_PREFIX) :]: since
         async for doc in cursor
-        if isinstance(doc.get("since"), int | float)
+        if (since := finite_number(doc.get("since"))) is not None
     }
 
 
@@ -140,7 +141,7 @@ class CachedDirectory:
         self._subscription_owner: dict[str, tuple[str, str]] = {}
         self._tunread: Lru[str, tuple[str, ...]] = Lru(limits.tunreads)
         self._rooms: Expiring[str, Room | None] = Expiring(limits.rooms, limits.ttl)
-        self._roles: Expiring[str, frozenset[str]] = Expiring(64, limits.ttl)
+        self._roles: Expiring[str, frozenset[str] | None] = Expiring(64, limits.ttl)
         self._away: dict[str, float] = {}
         self._fresh = Freshness()
 
@@ -298,7 +299,7 @@ class CachedDirectory:
     async def team_members(self, team_id: str) -> frozenset[str]:
         return await self._fallback.team_members(team_id)
 
-    async def roles_with_permission(self, permission: str) -> frozenset[str]:
+    async def roles_with_permission(self, permission: str) -> frozenset[str] | None:
         cached = self._roles.get(permission)
         if cached is not None:
             return cached[0]
@@ -412,10 +413,12 @@ class CachedDirectory:
     # --- internals -------------------------------------------------------------
 
     def _set_settings(self, values: Mapping[str, object]) -> None:
-        self._setting_values = dict(values)
+        """Parsed before kept: should parsing ever raise, the values it failed on are
+        not kept to break every later setting change too."""
         settings = Settings.from_values(values)
         for problem in settings.problems:
             log.warning("bad_setting", problem=problem)
+        self._setting_values = dict(values)
         self._settings = settings
 
     def _store_room(self, rid: str, subscriptions: Sequence[Subscription]) -> None:
