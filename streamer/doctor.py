@@ -26,7 +26,7 @@ from pymongo.errors import PyMongoError
 from streamer.config import Config, ConfigError, override_settings
 from streamer.delivery.apns import load_signing_key
 from streamer.delivery.fcm import load_service_account
-from streamer.delivery.gateway import StoredToken, stored_workspace_token
+from streamer.delivery.gateway import StoredToken, no_gateway_answers, stored_workspace_token
 from streamer.directory import DatabaseDirectory
 from streamer.model import (
     MESSAGES,
@@ -391,7 +391,7 @@ async def _probe_gateway(ctx: Context, url: str) -> tuple[bool, str]:
     status = response.status_code
     if status in (401, 403):
         return False, f"{url} rejected the workspace token ({status})"
-    if status in (404, 405):
+    if no_gateway_answers(status):
         return False, f"{url} answered {status}: no Push Gateway at that address"
     if status == 429 or status >= 500:
         return False, f"{url} answered {status}; it is failing or rate-limiting"

@@ -151,6 +151,37 @@ def serve_http(app: Any, port: int | None = None) -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def serve_hang_up() -> Iterator[tuple[str, list[bytes]]]:
+    """A peer that reads each request's head, then closes the connection unanswered:
+    a gateway that took a push and died before answering. Yields its URL and the heads."""
+    heads: list[bytes] = []
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                head = b""
+                while b"\r\n\r\n" not in head and (chunk := connection.recv(65536)):
+                    head += chunk
+                heads.append(head)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", heads
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        listener.close()
+
+
+@contextlib.contextmanager
 def serve_http2(app: Any) -> Iterator[tuple[str, str]]:
     """Serve `app` with hypercorn over TLS, HTTP/2 by ALPN, in a thread.
 

@@ -18,7 +18,7 @@ from streamer.delivery.payload import gateway_body
 from streamer.devmongo import free_port
 from streamer.model import SETTINGS, WORKSPACE_CREDENTIALS
 from tests import factories
-from tests.servers import Reply, StubApp
+from tests.servers import Reply, StubApp, serve_hang_up
 
 Doc = dict[str, object]
 NOW = 1_700_000_000.0
@@ -164,6 +164,20 @@ async def test_unreachable_gateway_fails_over_to_the_next_in_order(
 
 
 @pytest.mark.anyio
+async def test_a_gateway_that_hung_up_after_the_request_is_not_failed_over(
+    db: AsyncDatabase[Doc], client: httpx.AsyncClient, gateway_url: str, stub: StubApp
+) -> None:
+    """It may have taken the push: the next gateway would send it a second time."""
+    await store_workspace_token(db, "workspace-token-1")
+    with serve_hang_up() as (dead_url, heads):
+        pushkin = GatewayPushkin(client, lambda: [dead_url, gateway_url], WorkspaceToken(db))
+        with pytest.raises(TemporaryDeliveryError, match="failed after the request was sent"):
+            await pushkin.dispatch(CONTENT, ANDROID)
+    assert [head.split(b" ")[:2] for head in heads] == [[b"POST", b"/push/gcm/send"]]
+    assert stub.received("/push/gcm/send") == []
+
+
+@pytest.mark.anyio
 async def test_no_reachable_gateway_is_temporary(
     db: AsyncDatabase[Doc], client: httpx.AsyncClient
 ) -> None:
@@ -181,7 +195,7 @@ async def test_no_reachable_gateway_is_temporary(
         (Reply(200, b"<html><body>OK</body></html>"), Outcome.SENT),
         (Reply(200, b"\xff\xfe not json"), Outcome.SENT),
         (Reply(422, b"{truncated"), Outcome.REJECTED),
-        (Reply(404, b"<html>Not Found</html>"), Outcome.REJECTED),
+        (Reply(400, b"<html>Bad Request</html>"), Outcome.REJECTED),
     ],
 )
 async def test_garbage_answers_never_crash(
@@ -189,6 +203,27 @@ async def test_garbage_answers_never_crash(
 ) -> None:
     stub.script("/push/gcm/send", reply)
     assert await pushkin.dispatch(CONTENT, ANDROID) is outcome
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "wrong",
+    [Reply(404, b"<html>Not Found</html>"), Reply(301, headers={"location": "/"}), Reply(405)],
+)
+async def test_an_address_where_no_gateway_answers_is_passed_over_not_a_refusal(
+    db: AsyncDatabase[Doc], client: httpx.AsyncClient, gateway_url: str, stub: StubApp, wrong: Reply
+) -> None:
+    """A typo in Push_gateway must not drop every push as refused: the next gateway
+    takes it, and with none left it is kept for a retry once the setting is fixed."""
+    await store_workspace_token(db, "workspace-token-1")
+    stub.script("/typo/push/gcm/send", wrong, wrong)
+    urls = [f"{gateway_url}/typo", gateway_url]
+    pushkin = GatewayPushkin(client, lambda: urls, WorkspaceToken(db))
+    assert await pushkin.dispatch(CONTENT, ANDROID) is Outcome.SENT
+    assert len(stub.received("/push/gcm/send")) == 1
+    alone = GatewayPushkin(client, lambda: urls[:1], WorkspaceToken(db))
+    with pytest.raises(TemporaryDeliveryError, match="no push gateway reachable"):
+        await alone.dispatch(CONTENT, ANDROID)
 
 
 @pytest.mark.anyio

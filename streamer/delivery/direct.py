@@ -18,6 +18,7 @@ import httpx
 
 from streamer.config import ConfigError
 from streamer.delivery.errors import TemporaryDeliveryError, retry_after_seconds
+from streamer.delivery.http import transport_failure
 
 Clock = Callable[[], float]
 
@@ -88,7 +89,7 @@ async def send(client: httpx.AsyncClient, provider: str, request: httpx.Request)
         return await client.send(request)
     except httpx.TransportError as exc:
         raise TemporaryDeliveryError(
-            f"{provider}: {request.url.host} unreachable: {exc!r}"
+            f"{provider}: {request.url.host} {transport_failure(exc)}"
         ) from exc
 
 

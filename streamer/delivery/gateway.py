@@ -25,6 +25,7 @@ from streamer.delivery.errors import (
     TemporaryDeliveryError,
     retry_after_seconds,
 )
+from streamer.delivery.http import never_sent, transport_failure
 from streamer.delivery.payload import gateway_body
 from streamer.model import SETTINGS, WORKSPACE_CREDENTIALS, Settings, to_epoch
 
@@ -38,9 +39,14 @@ TOKEN_SETTINGS = ("Cloud_Workspace_Access_Token", "Cloud_Workspace_Access_Token_
 #: database is asked again: Rocket.Chat renews it, and asking on every push
 #: would load the database.
 RECHECK = 30.0
-#: Errors that mean "this gateway URL cannot be reached": try the next one.
-UNREACHABLE = (httpx.ConnectError, httpx.ConnectTimeout, httpx.UnsupportedProtocol)
 BODY_LOG_LIMIT = 200
+
+
+def no_gateway_answers(status: int) -> bool:
+    """A redirect, 404 or 405: the URL is wrong (a web site, a typo), not the push. The
+    push is kept for the next gateway, or a retry once the setting is fixed, rather
+    than dropped as refused."""
+    return 300 <= status < 400 or status in (404, 405)
 
 
 class WorkspaceToken:
@@ -168,14 +174,23 @@ class GatewayPushkin:
         for base in self._gateway_urls():
             url = f"{base.rstrip('/')}/push/{kind}/send"
             try:
-                return await self._client.post(url, content=body, headers=headers)
-            except UNREACHABLE as exc:
-                log.warning("gateway_unreachable", url=url, error=repr(exc))
-                unreachable.append(url)
-            except httpx.TimeoutException as exc:
-                raise TemporaryDeliveryError(f"{url} timed out: {exc!r}") from exc
+                response = await self._client.post(url, content=body, headers=headers)
             except httpx.TransportError as exc:
-                raise TemporaryDeliveryError(f"{url} failed: {exc!r}") from exc
+                if not never_sent(exc):
+                    # The gateway may have taken it: the next one would push it twice.
+                    raise TemporaryDeliveryError(f"{url} {transport_failure(exc)}") from exc
+                log.warning("gateway_unreachable", url=url, error=transport_failure(exc))
+                unreachable.append(url)
+                continue
+            if not no_gateway_answers(response.status_code):
+                return response
+            log.warning(
+                "gateway_wrong_address",
+                url=url,
+                status=response.status_code,
+                fix="check Push_gateway (or [delivery] gateway_urls); run streamer doctor",
+            )
+            unreachable.append(url)
         raise TemporaryDeliveryError(f"no push gateway reachable (tried {unreachable or 'none'})")
 
     def _outcome(self, response: httpx.Response) -> Outcome:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import aiohttp
 import anyio
 import httpx
 from httpx_aiohttp import AiohttpTransport
@@ -47,6 +48,35 @@ def make_http_client(
         timeout=config.timeout,
         headers={"user-agent": USER_AGENT},
     )
+
+
+def never_sent(exc: httpx.TransportError) -> bool:
+    """Whether the request surely did not reach the server, so another server may
+    take it without risking a second push.
+
+    httpx-aiohttp reports every aiohttp connection error as `ConnectTimeout`, a
+    server that hung up after reading the request included; only a failure to
+    connect, or a URL no request can be made to, proves nothing was sent.
+    """
+    cause = exc.__cause__
+    if isinstance(cause, aiohttp.ClientError):
+        return isinstance(
+            cause,
+            aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError | aiohttp.InvalidURL,
+        )
+    return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.UnsupportedProtocol)
+
+
+def transport_failure(exc: httpx.TransportError) -> str:
+    """What went wrong, in words that hold whichever transport raised it."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, aiohttp.ClientError) else exc
+    if never_sent(exc):
+        what = "unreachable"
+    elif isinstance(cause, TimeoutError | httpx.TimeoutException):
+        what = "timed out"
+    else:
+        what = "failed after the request was sent"
+    return f"{what}: {cause!r}"
 
 
 class InFlightCap:
