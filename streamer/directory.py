@@ -146,7 +146,9 @@ class DatabaseDirectory:
         return {user.id: user for user in await _parsed(User.from_doc, cursor)}
 
     async def devices(self, uids: Collection[str]) -> dict[str, list[PushToken]]:
-        cursor = self._db[PUSH_TOKENS].find({"userId": {"$in": list(uids)}, "enabled": True})
+        cursor = self._db[PUSH_TOKENS].find(
+            {"userId": {"$in": list(uids)}, "enabled": {"$ne": False}}
+        )
         found: dict[str, list[PushToken]] = {}
         for token in await _parsed(PushToken.from_doc, cursor):
             found.setdefault(token.uid, []).append(token)

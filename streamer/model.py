@@ -16,7 +16,7 @@ import datetime as dt
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 RoomType = Literal["c", "p", "d", "l"]
 PushPreference = Literal["default", "all", "mentions", "nothing"]
@@ -26,6 +26,9 @@ TokenKind = Literal["apn", "gcm"]
 ROOM_TYPES: frozenset[str] = frozenset({"c", "p", "d", "l"})
 PUSH_PREFERENCES: frozenset[str] = frozenset({"default", "all", "mentions", "nothing"})
 PRESENCES: frozenset[str] = frozenset({"online", "away", "busy", "offline"})
+#: Rocket.Chat's UserStatus also has "disabled" (presence turned off, a deactivated
+#: user): for the queue's delays that user is offline.
+_STATUS_ALIASES = {"disabled": "offline"}
 #: Message types that are ordinary messages; any other `t` is a system message.
 NOTIFYING_MESSAGE_TYPES: frozenset[str | None] = frozenset({None, "e2e", "videoconf"})
 #: The special mention targets; they are not user ids.
@@ -64,6 +67,18 @@ def shortened(text: str) -> str:
     if len(text) <= WHY_LIMIT:
         return text
     return f"{text[:WHY_LIMIT]}… ({len(text)} characters)"
+
+
+def presence_of(status: object) -> Presence | None:
+    """A user's `status` as a presence (none set: offline); None if Rocket.Chat
+    writes no such status."""
+    if status is None or status == "":
+        return "offline"
+    if isinstance(status, str):
+        status = _STATUS_ALIASES.get(status, status)
+        if status in PRESENCES:
+            return cast(Presence, status)
+    return None
 
 
 def finite_number(value: object) -> float | None:
@@ -347,7 +362,7 @@ class User:
             username=r.optional_str("username") or "",
             name=r.optional_str("name"),
             active=r.doc.get("active") is not False,
-            status=r.choice("status", PRESENCES, "offline"),  # type: ignore[arg-type]
+            status=_presence(r),
             status_connection=r.optional_str("statusConnection"),
             email=_first_verified_email(r.doc.get("emails")),
             push_preference=_preference(preferences.get("pushNotifications")),
@@ -355,6 +370,13 @@ class User:
             roles=r.strings("roles"),
             updated_at=r.time("_updatedAt"),
         )
+
+
+def _presence(r: _Reader) -> Presence:
+    status = presence_of(r.doc.get("status"))
+    if status is None:
+        raise r.fail(f"status={r.doc.get('status')!r} is not one of {sorted(PRESENCES)}")
+    return status
 
 
 def _first_verified_email(emails: object) -> str | None:

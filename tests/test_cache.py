@@ -179,6 +179,15 @@ async def test_prefetch_leaves_devices_of_a_large_room_to_the_decision(
         await client.close()
 
 
+async def test_a_token_without_enabled_counts_as_enabled(db: AsyncDatabase[Doc]) -> None:
+    """As the parser reads it: only `enabled: false` switches a device off."""
+    unmarked = f.push_token(ALICE)
+    del unmarked["enabled"]
+    await db[PUSH_TOKENS].insert_many([unmarked, f.push_token(ALICE, "apn", enabled=False)])
+    devices = await DatabaseDirectory(db).devices([ALICE["_id"]])
+    assert [token.id for token in devices[ALICE["_id"]]] == [unmarked["_id"]]
+
+
 async def test_badges_of_nobody_query_nothing(mongo_uri: str, db: AsyncDatabase[Doc]) -> None:
     """A due batch of emails only has no push to badge: no aggregation runs."""
     counter = CommandCounter()

@@ -115,3 +115,10 @@ def test_a_non_finite_count_or_date_is_a_malformed_document(value: float) -> Non
         Subscription.from_doc(f.subscription(ALICE, GENERAL, unread=value))
     with pytest.raises(MalformedDocument, match="ts is not a date"):
         Message.from_doc({**f.message(GENERAL, ALICE), "ts": value})
+
+
+def test_the_disabled_status_is_offline_and_an_unknown_one_malformed() -> None:
+    assert User.from_doc(f.user("dora", status="disabled")).status == "offline"
+    assert User.from_doc({**f.user("dora"), "status": ""}).status == "offline"
+    with pytest.raises(MalformedDocument, match="status='sleepy'"):
+        User.from_doc(f.user("dora", status="sleepy"))

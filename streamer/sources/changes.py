@@ -11,14 +11,13 @@ import dataclasses
 import functools
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 import structlog
 from bson import Timestamp
 
 from streamer.directory import parse_or_log
 from streamer.model import (
-    PRESENCES,
     PUSH_TOKENS,
     SUBSCRIPTIONS,
     USERS,
@@ -28,6 +27,7 @@ from streamer.model import (
     PushToken,
     Subscription,
     User,
+    presence_of,
     to_epoch,
 )
 from streamer.sources.cache import CachedDirectory
@@ -244,10 +244,11 @@ def _new_status(change: object) -> tuple[Presence | None]:
         status = fields["status"]
     else:
         full = change.get("fullDocument") or {}
-        status = full.get("status", "offline")
-    if not isinstance(status, str) or status not in PRESENCES:
+        status = full.get("status")
+    presence = presence_of(status)
+    if presence is None:
         raise MalformedDocument(USERS, _document_id(change), f"status={status!r} is not a presence")
-    return (cast(Presence, status),)
+    return (presence,)
 
 
 def settings_changed(directory: CachedDirectory, changes: Sequence[Change]) -> None:
