@@ -322,6 +322,9 @@ class Room:
     users_count: int = 0
     team_id: str | None = None
     team_main: bool = False
+    #: Read-only (`ro`) and the usernames muted in it: who may not answer a push.
+    read_only: bool = False
+    muted: frozenset[str] = frozenset()
 
     @classmethod
     def from_doc(cls, doc: object) -> Room:
@@ -334,7 +337,14 @@ class Room:
             users_count=r.count("usersCount"),
             team_id=r.optional_str("teamId"),
             team_main=r.flag("teamMain"),
+            read_only=r.flag("ro"),
+            muted=frozenset(r.strings("muted")),
         )
+
+    def can_write(self, username: str) -> bool:
+        """Rocket.Chat's rule for the push's reply button (some roles may write to a
+        read-only room: a missing button is the accepted false negative)."""
+        return not self.read_only and username not in self.muted
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,11 +118,25 @@ def test_truncation_never_exceeds_the_limit_in_utf16_units(text: str, limit: int
     assert cut == text or cut.endswith("...")
 
 
-def test_room_the_recipient_cannot_write_to_has_no_reply_category() -> None:
-    content = build_push_content(
-        message(), GENERAL, BOB, SETTINGS, badge=0, now=NOW, can_reply=False
-    )
-    assert content.category == "MESSAGE_NOREPLY"
+@pytest.mark.parametrize(
+    ("room", "category"),
+    [
+        (GENERAL, "MESSAGE"),
+        (dataclasses.replace(GENERAL, read_only=True), "MESSAGE_NOREPLY"),
+        (dataclasses.replace(GENERAL, muted=frozenset({"bob"})), "MESSAGE_NOREPLY"),
+        (dataclasses.replace(GENERAL, muted=frozenset({"carol"})), "MESSAGE"),
+    ],
+)
+def test_room_the_recipient_cannot_write_to_has_no_reply_category(
+    room: Room, category: str
+) -> None:
+    content = build_push_content(message(), room, BOB, SETTINGS, badge=0, now=NOW)
+    assert content.category == category
+
+
+def test_read_only_and_muted_come_from_the_room_document() -> None:
+    room = Room.from_doc({"_id": "R", "t": "c", "ro": True, "muted": ["bob", 7]})
+    assert (room.read_only, room.muted) == (True, frozenset({"bob"}))
 
 
 def test_attachment_without_text_says_so() -> None:

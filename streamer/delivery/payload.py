@@ -71,13 +71,12 @@ def build_push_content(
     badge: int,
     now: float,
     sender: User | None = None,
-    can_reply: bool = True,
 ) -> PushContent:
     """The push `recipient` gets for `message`, honouring the admin's privacy settings.
 
     `sender` (the sender's user document) only supplies the real name when the
-    message's own `u.name` is missing. `can_reply` is False for rooms the
-    recipient cannot write to, so iOS offers no reply button.
+    message's own `u.name` is missing. In a room the recipient cannot write to
+    (read-only, or muted there) iOS offers no reply button.
     """
     id_only = settings.push_request_content_from_server
     sender_label = _sender_label(message, settings, sender)
@@ -96,7 +95,9 @@ def build_push_content(
         not_id=not_id(settings.unique_id, message.rid),
         created_at=now,
         payload=_payload(message, room, settings, sender_label, host, id_only),
-        category=CATEGORY_REPLY if can_reply else CATEGORY_NO_REPLY,
+        category=CATEGORY_NO_REPLY
+        if room and not room.can_write(recipient.username)
+        else CATEGORY_REPLY,
         id_only=id_only,
         unique_id=settings.unique_id,
         image=host + ICON_PATH,
