@@ -139,7 +139,7 @@ class Daemon:
         self.ingest = Ingest(self.directory, self.queue, config)
         await self.ingest.settings()
         async with make_http_client(config.delivery) as client:
-            ledger = SentLedger(self.db)
+            ledger = SentLedger(self.db, resend_unknown=config.delivery.unknown_outcome == "resend")
             await ledger.ensure_indexes()
             pushkins = self._pushkins(client)
             self.sender = PushSender(

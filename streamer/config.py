@@ -80,6 +80,9 @@ class DeliveryConfig:
     give_up_after: float = 3600.0
     retry_initial: float = 1.0
     retry_max: float = 300.0
+    #: A push a crash left claimed but unrecorded (the provider may or may not have
+    #: it): "skip" it (at most once, SPEC §7) or "resend" it (at least once).
+    unknown_outcome: Literal["skip", "resend"] = "skip"
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
+from structlog.testing import capture_logs
 
 from streamer.delivery.base import Device
 from streamer.delivery.errors import Outcome
 from streamer.delivery.ledger import SENT_LEDGER, SentLedger
+from tests.test_queue import failing_commands
 
 Doc = dict[str, object]
 NOW = 1_700_000_000.0
 PHONE = Device(token_id="t1", kind="gcm", token="gcm-1")
 TABLET = Device(token_id="t2", kind="gcm", token="gcm-2")
+BAD_VALUE = 2
 
 
 async def ttl_of(db: AsyncDatabase[Doc]) -> object:
@@ -81,24 +85,44 @@ async def test_concurrent_claims_share_writes_and_each_device_is_won_once(
 
 
 @pytest.mark.anyio
-async def test_a_claim_left_sending_by_an_attempt_that_is_over_is_taken_over(
-    db: AsyncDatabase[Doc],
+@pytest.mark.parametrize(("resend", "retaken"), [(False, []), (True, [PHONE])])
+async def test_a_claim_a_crash_left_sending_is_skipped_or_resent_as_configured(
+    db: AsyncDatabase[Doc], resend: bool, retaken: list[Device]
 ) -> None:
-    crashed, restarted = SentLedger(db), SentLedger(db)
+    """The phone's push may or may not have gone out; the tablet's was answered."""
+    crashed, restarted = SentLedger(db), SentLedger(db, resend_unknown=resend)
     await crashed.claim("u1", "m1", [PHONE, TABLET], NOW)
     await crashed.finish("u1", "m1", TABLET, Outcome.SENT, NOW)
-    assert await restarted.claim("u1", "m1", [PHONE, TABLET], NOW) == [PHONE]
+    with capture_logs() as logs:
+        assert await restarted.claim("u1", "m1", [PHONE, TABLET], NOW) == retaken
+    assert [(line["event"], line["token_id"]) for line in logs] == [
+        ("push_outcome_unknown", PHONE.token_id)
+    ]
 
 
 @pytest.mark.anyio
 async def test_a_claim_is_not_taken_over_while_its_attempt_runs_but_after_it_ended(
     db: AsyncDatabase[Doc],
 ) -> None:
-    ledger = SentLedger(db)
+    ledger = SentLedger(db, resend_unknown=True)
     assert await ledger.claim("u1", "m1", [PHONE], NOW) == [PHONE]
     assert await ledger.claim("u1", "m1", [PHONE], NOW) == []
-    ledger.end("u1", "m1", [PHONE])  # say its release failed: MongoDB was down
+    ledger.end("u1", "m1", [PHONE])  # ended with no answer recorded
     assert await ledger.claim("u1", "m1", [PHONE], NOW) == [PHONE]
+
+
+@pytest.mark.anyio
+async def test_a_claim_whose_release_failed_was_not_sent_and_is_taken_over_when_skipping(
+    db: AsyncDatabase[Doc], mongo: AsyncMongoClient[Doc]
+) -> None:
+    ledger = SentLedger(db)
+    await ledger.claim("u1", "m1", [PHONE], NOW)
+    async with failing_commands(mongo, failCommands=["delete"], errorCode=BAD_VALUE):
+        with pytest.raises(OperationFailure):
+            await ledger.release("u1", "m1", PHONE)  # a temporary failure: not sent
+    with capture_logs() as logs:
+        assert await ledger.claim("u1", "m1", [PHONE], NOW) == [PHONE]
+    assert logs == []
 
 
 @pytest.mark.anyio

@@ -38,7 +38,7 @@ CONFIG = DeliveryConfig(
 )
 ALICE = factories.user("alice")
 FIRST = Attempts(0, None)
-MakeSender = Callable[[], PushSender]
+MakeSender = Callable[..., PushSender]
 
 
 @pytest.fixture
@@ -59,11 +59,11 @@ async def make_sender(
     """A fresh sender per call, as after a restart: nothing shared but the database."""
     await store_workspace_token(db, "workspace-token-1")
 
-    def make() -> PushSender:
+    def make(resend_unknown: bool = False) -> PushSender:
         pushkin = GatewayPushkin(
             client, lambda: [gateway_url], WorkspaceToken(db, clock), clock=clock
         )
-        ledger = SentLedger(db)
+        ledger = SentLedger(db, resend_unknown=resend_unknown)
         return PushSender(
             {"apn": pushkin, "gcm": pushkin},
             db,
@@ -227,15 +227,22 @@ async def test_a_device_marked_sent_before_a_crash_is_not_pushed_again(
 
 
 @pytest.mark.anyio
-async def test_a_push_whose_outcome_a_crash_hid_is_sent_again(
-    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp
+@pytest.mark.parametrize(("resend_unknown", "pushes"), [(False, 0), (True, 1)])
+async def test_a_push_whose_outcome_a_crash_hid_is_skipped_or_sent_again(
+    make_sender: MakeSender,
+    db: AsyncDatabase[Doc],
+    stub: StubApp,
+    resend_unknown: bool,
+    pushes: int,
 ) -> None:
     [device] = await stored_devices(db, "gcm")
     await SentLedger(db).claim(CONTENT.uid, CONTENT.mid, [device], NOW)
-    # the process dies between the claim and the mark: maybe sent, so at least once
+    # the process dies between the claim and the mark: maybe sent. At most once by
+    # default (the entry is done), at least once when configured to resend.
     with capture_logs() as logs:
-        assert await make_sender().send(CONTENT, [device], FIRST) == Delivered()
-    assert len(stub.received()) == 1
+        sender = make_sender(resend_unknown)
+        assert await sender.send(CONTENT, [device], FIRST) == Delivered()
+    assert len(stub.received()) == pushes
     assert [line["event"] for line in logs].count("push_outcome_unknown") == 1
 
 

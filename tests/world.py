@@ -92,11 +92,14 @@ def write_config(
     db_name: str,
     gateway_url: str,
     app: dict[str, Any] | None = None,
+    delivery: dict[str, Any] | None = None,
     **queue: Any,
 ) -> Path:
-    """A config file as an operator writes it; `queue` and `app` add keys to those sections."""
+    """A config file as an operator writes it; `queue`, `app` and `delivery` add keys
+    (as TOML values) to those sections."""
     queue_lines = "\n".join(f"{key} = {value}" for key, value in queue.items())
     app_lines = "\n".join(f"{key} = {value}" for key, value in (app or {}).items())
+    delivery_lines = "\n".join(f"{key} = {value}" for key, value in (delivery or {}).items())
     path.write_text(
         f"""
 [mongo]
@@ -108,6 +111,7 @@ database = "{db_name}"
 gateway_urls = ["{gateway_url}"]
 retry_initial = 0.1
 retry_max = 0.5
+{delivery_lines}
 [http]
 listen = "127.0.0.1:0"
 [log]

@@ -9,23 +9,29 @@ TTL index on `at` removes records once no retry can need them.
 
 The remaining window: the process dies after the provider accepted the push
 but before `finish` was written (one round trip to MongoDB). The record then
-stays "sending", and the next attempt — the queue hands the entry to one
-instance at a time, so the attempt that wrote it is over — **sends again**:
-at-least-once per device, logged as `push_outcome_unknown`. We first chose to
-skip such devices (at-most-once), but a `kill -9` mid-burst showed that most of
-them had *not* gone out: claims are written before the request, so every
-request still being written, queued in the transport or unread by the provider
-when the process died was lost — ~35 per crash at 256 in flight
-(tests/test_chaos_crash.py). Re-sending turns that into duplicates for only
-the pushes the provider had taken but whose answer was not yet recorded: ~20
-per crash in that test, at most `[delivery] concurrency`. The same holds for
-a claim that could not be released because MongoDB was down. Only a claim
-made by an attempt still running in this process is never taken over
-(`_live`).
+stays "sending" and nobody can tell whether the push went out. The next
+attempt (the queue hands an entry to one instance at a time, so the attempt
+that wrote it is over) logs `push_outcome_unknown` and, as `[delivery]
+unknown_outcome` says:
 
-A timeout is retried likewise although the provider may have accepted: it
-is far more common than a crash, and giving up on every slow answer would
-lose pushes routinely. These two are the documented duplicate windows.
+- "skip" (the default, SPEC §7's "at most one push per device"): does not
+  send it. No duplicate, but claims are written before the request, so every
+  request still being written, queued in the transport or unread by the
+  provider when the process died is lost: ~35 per crash at 256 in flight in
+  tests/test_chaos_crash.py.
+- "resend": sends it again. Nothing is lost; the pushes the provider had taken
+  but whose answer was not yet recorded arrive twice: ~20 per crash in that
+  test, at most `[delivery] concurrency`.
+
+A claim whose release could not be written (MongoDB down) is known not to
+have been sent: this process takes it over in either mode (`_unreleased`).
+Only a claim made by an attempt still running in this process is never taken
+over (`_live`).
+
+A timeout is retried in both modes although the provider may have accepted:
+it is far more common than a crash, and giving up on every slow answer would
+lose pushes routinely (SPEC §7 retries timeouts). It is the one duplicate
+window of the default.
 
 Writes go to MongoDB in groups (`GroupCommit`): while one bulk write is in
 flight the next claims and marks gather, so the ledger costs a round trip per
@@ -64,6 +70,10 @@ SENDING = "sending"
 SENT = "sent"
 INDEX_OPTIONS_CONFLICT = 85
 PRIMARY_ACKNOWLEDGED = WriteConcern(w=1)
+UNKNOWN_ACTIONS = {
+    False: "skipped: at most one push per device ([delivery] unknown_outcome = skip)",
+    True: "sent again: at least once per device ([delivery] unknown_outcome = resend)",
+}
 
 
 def _key(uid: str, mid: str, device: Device) -> Doc:
@@ -76,13 +86,21 @@ def _date(epoch: float) -> dt.datetime:
 
 class SentLedger:
     def __init__(
-        self, db: AsyncDatabase[Doc], *, collection: str = SENT_LEDGER, ttl: float = DEFAULT_TTL
+        self,
+        db: AsyncDatabase[Doc],
+        *,
+        collection: str = SENT_LEDGER,
+        ttl: float = DEFAULT_TTL,
+        resend_unknown: bool = False,
     ) -> None:
         self._records = db.get_collection(collection, write_concern=PRIMARY_ACKNOWLEDGED)
         self._ttl = int(ttl)
+        self._resend_unknown = resend_unknown
         self._writes = GroupCommit(self._records)
         #: Keys claimed by attempts of this process that have not ended yet.
         self._live: set[tuple[str, str, str]] = set()
+        #: Keys whose release could not be written: left "sending", surely not sent.
+        self._unreleased: set[tuple[str, str, str]] = set()
         #: Final answers whose mark could not be written (MongoDB away), by key.
         self._unwritten: dict[tuple[str, str, str], Outcome] = {}
 
@@ -116,9 +134,9 @@ class SentLedger:
             records = [_claim_record(uid, mid, d, now) for d in devices]
             codes = await self._writes.run([InsertOne(record) for record in records])
             taken = [record["_id"] for record, code in zip(records, codes, strict=True) if code]
-            unknown = await self._unknown(taken)
+            retaken = await self._retaken(uid, mid, taken)
             claimed = [
-                d for d, code in zip(devices, codes, strict=True) if not code or d.token in unknown
+                d for d, code in zip(devices, codes, strict=True) if not code or d.token in retaken
             ]
         finally:
             self.end(uid, mid, [d for d in devices if d not in claimed])
@@ -162,22 +180,31 @@ class SentLedger:
     async def release(self, uid: str, mid: str, device: Device) -> None:
         """A temporary failure: the push did not go out, so a retry may claim it."""
         self.end(uid, mid, [device])
+        key = (uid, mid, device.token)
+        self._unreleased.add(key)
         await self._writes.run([DeleteOne({"_id": _key(uid, mid, device), "state": SENDING})])
+        self._unreleased.discard(key)
 
-    async def _unknown(self, keys: list[Doc]) -> set[str]:
-        """The tokens of claims an attempt that is over left "sending": the push may or may
-        not have gone out, and is sent again (see the module docstring)."""
+    async def _retaken(self, uid: str, mid: str, keys: list[Doc]) -> set[str]:
+        """The tokens of claims an attempt that is over left "sending" that this attempt
+        sends: those surely not sent, and, when resending, those that may have been."""
         if not keys:
             return set()
         tokens: set[str] = set()
         async for doc in self._records.find({"_id": {"$in": keys}, "state": SENDING}):
-            tokens.add(doc["_id"]["token"])
+            token = doc["_id"]["token"]
+            if (uid, mid, token) in self._unreleased:
+                self._unreleased.discard((uid, mid, token))
+                tokens.add(token)
+                continue
+            if self._resend_unknown:
+                tokens.add(token)
             log.warning(
                 "push_outcome_unknown",
-                uid=doc["_id"]["uid"],
-                mid=doc["_id"]["mid"],
+                uid=uid,
+                mid=mid,
                 token_id=doc.get("token_id"),
-                action="sent again: at least once per device",
+                action=UNKNOWN_ACTIONS[self._resend_unknown],
             )
         return tokens
 
