@@ -562,3 +562,53 @@ async def test_a_burst_of_10000_entries_is_durable_and_ordered(
         tg.cancel_scope.cancel()
     assert len(set(delivered)) == len(delivered)
     assert set(delivered) <= set(expected[100:])
+
+
+@asynccontextmanager
+async def rebuilding(queue: Queue, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[anyio.Event]:
+    """The schedule's rebuild from the collection (as after the follower lost its
+    stream), its scan read at once but handed over only once the yielded event is
+    set: the window a scan of many batches leaves open to the takers."""
+    store = queue._store  # the one seam that can hold a real scan's answer back
+    scan = store.scan
+    read, finish = anyio.Event(), anyio.Event()
+
+    async def held_back_scan() -> AsyncIterator[Doc]:
+        docs = [doc async for doc in scan()]
+        read.set()
+        await finish.wait()
+        for doc in docs:
+            yield doc
+
+    monkeypatch.setattr(store, "scan", held_back_scan)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(queue._reload)
+        await read.wait()
+        yield finish
+        finish.set()
+    monkeypatch.setattr(store, "scan", scan)
+
+
+async def test_a_rebuild_does_not_schedule_again_an_entry_taken_meanwhile(
+    make_queue: QueueFactory, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = await make_queue()
+    await queue.add([entry(clock)])
+    async with rebuilding(queue, monkeypatch):  # the scan saw the entry free
+        taken = await take(queue)
+    assert queue.next_due_at() is None  # not handed out a second time
+    await queue.done(taken)
+    assert len(queue) == 0
+
+
+async def test_a_rebuild_keeps_entries_given_back_or_added_meanwhile(
+    make_queue: QueueFactory, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = await make_queue()
+    await queue.add([entry(clock)])
+    taken = await take(queue)
+    added = entry(clock, uid="u2")
+    async with rebuilding(queue, monkeypatch):  # the scan saw the first entry held
+        await queue.release(taken)
+        await queue.add([added])
+    assert sorted(e.mid for e in await queue.next_due(limit=5)) == sorted([taken.mid, added.mid])

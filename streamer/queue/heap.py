@@ -19,7 +19,7 @@ of the heap; the heaps are rebuilt when dead slots outnumber live ones.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from heapq import heapify, heappop, heappush
 from math import floor
 from typing import NamedTuple
@@ -40,12 +40,14 @@ class Slot(NamedTuple):
 
 #: Dead slots tolerated before a rebuild, beyond the number of live ones.
 _COMPACT_SLACK = 1024
+#: A recorded change, to apply again to another schedule.
+Change = Callable[["Schedule"], object]
 
 
 class Schedule:
     """Entries by due time, indexed by user so a read or a presence change is cheap."""
 
-    __slots__ = ("_buckets", "_dead", "_live", "_seconds", "_users")
+    __slots__ = ("_buckets", "_dead", "_journal", "_live", "_seconds", "_users")
 
     def __init__(self, slots: Iterable[Slot] = ()) -> None:
         #: Per whole second of due time, a heap of the slots due in it.
@@ -56,6 +58,8 @@ class Schedule:
         self._users: dict[str, dict[str, Slot]] = {}
         self._live = 0
         self._dead = 0
+        #: While not None, every change is also recorded here (see `record`).
+        self._journal: list[Change] | None = None
         for slot in slots:
             self._index(slot)
         self._compact()
@@ -67,8 +71,30 @@ class Schedule:
         entries = self._users.get(uid)
         return None if entries is None else entries.get(key)
 
+    def record(self) -> list[Change]:
+        """From now until `stop_recording`, record every change in the returned list.
+
+        For a rebuild from the collection while the schedule stays in use: the scan
+        may read an entry before or after a change made meanwhile, so the changes
+        are applied again to the rebuilt schedule (`replay`).
+        """
+        self._journal = []
+        return self._journal
+
+    def stop_recording(self) -> None:
+        self._journal = None
+
+    def replay(self, changes: Iterable[Change]) -> None:
+        for change in changes:
+            change(self)
+
     def put(self, slot: Slot) -> None:
         """Add an entry, or move it to the slot's time if it is already scheduled."""
+        if self._journal is not None:
+            self._journal.append(lambda schedule: schedule.put(slot))
+        self._put(slot)
+
+    def _put(self, slot: Slot) -> None:
         self._index(slot)
         second = floor(slot.due_at)
         bucket = self._buckets.get(second)
@@ -89,6 +115,8 @@ class Schedule:
         entries[key] = slot
 
     def remove(self, uid: str, key: str) -> bool:
+        if self._journal is not None:
+            self._journal.append(lambda schedule: schedule.remove(uid, key))
         entries = self._users.get(uid)
         if entries is None or entries.pop(key, None) is None:
             return False
@@ -97,12 +125,16 @@ class Schedule:
 
     def remove_user(self, uid: str) -> list[str]:
         """Remove the user's entries; their keys."""
+        if self._journal is not None:
+            self._journal.append(lambda schedule: schedule.remove_user(uid))
         entries = self._users.pop(uid, {})
         self._forgotten(uid, entries, len(entries))
         return list(entries)
 
     def remove_room(self, uid: str, rid: str) -> list[str]:
         """Remove the user's entries of one room; their keys."""
+        if self._journal is not None:
+            self._journal.append(lambda schedule: schedule.remove_room(uid, rid))
         entries = self._users.get(uid, {})
         keys = [key for key, slot in entries.items() if slot.rid == rid]
         for key in keys:
@@ -138,9 +170,11 @@ class Schedule:
 
     def bring_forward(self, uid: str, due_at: float) -> int:
         """Move the user's entries due after `due_at` (not being retried) to `due_at`."""
+        if self._journal is not None:
+            self._journal.append(lambda schedule: schedule.bring_forward(uid, due_at))
         moved = self.later(uid, due_at)
         for slot in moved:
-            self.put(slot._replace(due_at=due_at))
+            self._put(slot._replace(due_at=due_at))
         return len(moved)
 
     def first(self) -> Slot | None:
@@ -166,6 +200,8 @@ class Schedule:
         if head is None or head.due_at > now:
             return None
         heappop(self._buckets[self._seconds[0]])
+        if self._journal is not None:
+            self._journal.append(lambda schedule: schedule.remove(head.uid, head.key))
         entries = self._users[head.uid]
         del entries[head.key]
         if not entries:

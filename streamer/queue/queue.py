@@ -85,16 +85,28 @@ class Queue:
         await self._reload()
 
     async def _reload(self) -> None:
+        """Rebuild the schedule from the collection.
+
+        Takers keep using the old schedule while the scan runs (several round trips
+        at scale): what they change meanwhile — entries taken, given back, retried,
+        added, cleared — is recorded and applied again to the new one, since the scan
+        may have read each such entry before the change or after it.
+        """
         self._synced_at = await self._store.operation_time()
-        slots = []
-        async for doc in self._store.scan():
-            slot = parse_or_log(self._parse_slot, doc)
-            if slot is not None and slot.key not in self._held:
-                slots.append(slot)
-        self._schedule = Schedule(slots)
+        changes = self._schedule.record()
+        try:
+            slots = [slot async for doc in self._store.scan() if (slot := self._slot(doc))]
+        finally:
+            self._schedule.stop_recording()
+        schedule = Schedule(slot for slot in slots if slot.key not in self._held)
+        schedule.replay(changes)
+        self._schedule = schedule
         self._owned.clear()  # still ours, but taken through the lease from now on
         log.info("queue_loaded", entries=len(self._schedule))
         self._changed_now()
+
+    def _slot(self, doc: Doc) -> Slot | None:
+        return parse_or_log(self._parse_slot, doc)
 
     async def add(self, entries: Sequence[Entry]) -> None:
         """Queue the entries durably (one write); an entry already queued is left as it is.
@@ -241,7 +253,7 @@ class Queue:
     async def _resync(self, keys: Sequence[str]) -> None:
         """Leases were refused: place those entries where the collection says they are."""
         for doc in await self._store.find(keys):
-            slot = parse_or_log(self._parse_slot, doc)
+            slot = self._slot(doc)
             if slot is not None and slot.key not in self._held:
                 self._schedule.put(slot)
         self._changed_now()
@@ -375,7 +387,7 @@ class Queue:
                 self._owned.pop(key, None)
                 self._observe()
             return
-        slot = parse_or_log(self._parse_slot, doc)
+        slot = self._slot(doc)
         if slot is not None and self._schedule.get(slot.uid, key) != slot:
             self._schedule.put(slot)
             self._changed_now()
