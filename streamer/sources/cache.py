@@ -340,9 +340,13 @@ class CachedDirectory:
         self._fresh.changed(("user", user.id))
         self._users.put(user.id, user)
 
-    def user_removed(self, uid: str) -> None:
+    def forget_user(self, uid: str) -> None:
+        """Drop the cached user: the next lookup queries."""
         self._fresh.changed(("user", uid))
         self._users.pop(uid)
+
+    def user_removed(self, uid: str) -> None:
+        self.forget_user(uid)
         self._away.pop(uid, None)
 
     async def record_presence(self, changes: Sequence[PresenceChanged]) -> None:

@@ -80,11 +80,36 @@ def messages_inserted(changes: Sequence[Change]) -> list[MessageInserted]:
     return inserted
 
 
+@dataclasses.dataclass(slots=True)
+class Learned:
+    """What a batch teaches the caches that events are derived from: each user's
+    presence, each subscription's unread threads.
+
+    Applied only once the batch's events were handed on. A batch read again after
+    its handler failed (a MongoDB error) then meets these as they were and reports
+    the same presence changes and thread reads again, instead of finding nothing new.
+    """
+
+    #: By user id: the user to cache, or None to drop a cached one.
+    users: dict[str, User | None] = dataclasses.field(default_factory=dict)
+    tunreads: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+    def apply(self, directory: CachedDirectory) -> None:
+        for uid, user in self.users.items():
+            if user is None:
+                directory.forget_user(uid)
+            else:
+                directory.user_changed(user)
+        for subscription_id, tunread in self.tunreads.items():
+            directory.remember_tunread(subscription_id, tunread)
+
+
 def subscription_reads(
     directory: CachedDirectory, changes: Sequence[Change]
-) -> list[RoomRead | ThreadRead]:
+) -> tuple[list[RoomRead | ThreadRead], Learned]:
     """Keep the subscription caches current and report the reads the batch contains."""
     reads: list[RoomRead | ThreadRead] = []
+    learned = Learned()
     for change in changes:
         subscription_id = _string_id(SUBSCRIPTIONS, change)
         if subscription_id is None:
@@ -92,18 +117,19 @@ def subscription_reads(
         operation = change.get("operationType")
         if operation == "delete":
             directory.subscription_removed(subscription_id)
+            learned.tunreads.pop(subscription_id, None)
         elif operation in ("insert", "replace"):
             subscription = parse_or_log(Subscription.from_doc, change.get("fullDocument"))
             if subscription is not None:
                 directory.subscription_changed(subscription)
-                directory.remember_tunread(subscription.id, subscription.tunread)
+                learned.tunreads[subscription.id] = subscription.tunread
         elif operation == "update":
-            reads.extend(_subscription_updated(directory, subscription_id, change))
-    return reads
+            reads.extend(_subscription_updated(directory, learned, subscription_id, change))
+    return reads, learned
 
 
 def _subscription_updated(
-    directory: CachedDirectory, subscription_id: str, change: Change
+    directory: CachedDirectory, learned: Learned, subscription_id: str, change: Change
 ) -> list[RoomRead | ThreadRead]:
     description = change.get("updateDescription") or {}
     updated = description.get("updatedFields") or {}
@@ -117,7 +143,9 @@ def _subscription_updated(
         if subscription is not None
         else directory.subscription_owner(subscription_id)
     )
-    previous, tunread = _follow_tunread(directory, subscription_id, description, subscription)
+    previous, tunread = _follow_tunread(
+        directory, learned, subscription_id, description, subscription
+    )
     if subscription is not None:
         if tunread is not None:
             subscription = dataclasses.replace(subscription, tunread=tunread)
@@ -136,21 +164,25 @@ def _subscription_updated(
 
 def _follow_tunread(
     directory: CachedDirectory,
+    learned: Learned,
     subscription_id: str,
     description: Mapping[str, Any],
     current: Subscription | None,
 ) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
-    """`tunread` before and after this update, where known; the cache learns the latter.
+    """`tunread` before and after this update, where known; `learned` takes the latter.
 
     With no previous value, the looked-up document's `tunread` is the best start
     for the next comparison.
     """
-    previous = directory.previous_tunread(subscription_id)
+    if subscription_id in learned.tunreads:
+        previous: tuple[str, ...] | None = learned.tunreads[subscription_id]
+    else:
+        previous = directory.previous_tunread(subscription_id)
     after = tunread_after(previous, description)
     if after is not None:
-        directory.remember_tunread(subscription_id, after)
+        learned.tunreads[subscription_id] = after
     elif previous is None and current is not None:
-        directory.remember_tunread(subscription_id, current.tunread)
+        learned.tunreads[subscription_id] = current.tunread
     return previous, after
 
 
@@ -199,9 +231,17 @@ def _index(key: str) -> int:
 
 def presence_changes(
     directory: CachedDirectory, changes: Sequence[Change]
-) -> list[PresenceChanged]:
-    """Keep the users cache current and report every change of `status`."""
+) -> tuple[list[PresenceChanged], Learned]:
+    """Report every change of `status`; the users to cache are in the `Learned`.
+
+    A cached user's presence changes only with a change that sets `status`: the
+    document looked up for any other change may already carry a later status, and
+    caching it would hide that status's own change when it comes.
+    """
     found: list[PresenceChanged] = []
+    learned = Learned()
+    #: Presence as of the change being read, for users whose status the batch set.
+    presence: dict[str, Presence | None] = {}
     for change in changes:
         uid = _string_id(USERS, change)
         if uid is None:
@@ -209,20 +249,23 @@ def presence_changes(
         operation = change.get("operationType")
         if operation == "delete":
             directory.user_removed(uid)
+            learned.users.pop(uid, None)
+            presence[uid] = None
             continue
         checked = parse_or_log(_new_status, change)
         if checked is None:
             continue
         (status,) = checked
         user = _current_user(change)
-        previous = directory.presence(uid)
+        previous = presence[uid] if uid in presence else directory.presence(uid)
+        if status is not None:
+            presence[uid] = status
+        known = status or previous
         if user is not None:
-            directory.user_changed(
-                user if status is None else dataclasses.replace(user, status=status)
-            )
+            learned.users[uid] = None if known is None else dataclasses.replace(user, status=known)
         if status is not None and status != previous and operation in ("update", "replace"):
             found.append(PresenceChanged(uid, status, previous, change_time(change)))
-    return found
+    return found, learned
 
 
 def _current_user(change: Change) -> User | None:

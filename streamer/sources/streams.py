@@ -220,15 +220,17 @@ class Sources:
             await self._on_messages(inserted)
 
     async def _subscriptions(self, batch: Sequence[Change]) -> None:
-        reads = meaning.subscription_reads(self._directory, batch)
+        reads, learned = meaning.subscription_reads(self._directory, batch)
         if reads:
             await self._on_reads(reads)
+        learned.apply(self._directory)
 
     async def _users(self, batch: Sequence[Change]) -> None:
-        changed = meaning.presence_changes(self._directory, batch)
+        changed, learned = meaning.presence_changes(self._directory, batch)
         if changed:
             await self._directory.record_presence(changed)
             await self._on_presence(changed)
+        learned.apply(self._directory)
 
     async def _settings(self, batch: Sequence[Change]) -> None:
         meaning.settings_changed(self._directory, batch)
