@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
+import anyio
 import pytest
 from pymongo import AsyncMongoClient, monitoring
 from pymongo.asynchronous.database import AsyncDatabase
@@ -18,6 +20,7 @@ from streamer.model import (
     SUBSCRIPTIONS,
     TEAM_MEMBERS,
     USERS,
+    PushToken,
 )
 from streamer.sources.cache import SMALL_ROOM, CachedDirectory, CacheLimits
 from streamer.sources.events import PresenceChanged
@@ -186,6 +189,37 @@ async def test_a_token_without_enabled_counts_as_enabled(db: AsyncDatabase[Doc])
     await db[PUSH_TOKENS].insert_many([unmarked, f.push_token(ALICE, "apn", enabled=False)])
     devices = await DatabaseDirectory(db).devices([ALICE["_id"]])
     assert [token.id for token in devices[ALICE["_id"]]] == [unmarked["_id"]]
+
+
+class HeldDevices(DatabaseDirectory):
+    """Devices read from MongoDB, the answer held back until `release` is set."""
+
+    def __init__(self, db: AsyncDatabase[Doc]) -> None:
+        super().__init__(db)
+        self.read, self.release = anyio.Event(), anyio.Event()
+
+    async def devices(self, uids: Collection[str]) -> dict[str, list[PushToken]]:
+        found = await super().devices(uids)
+        self.read.set()
+        await self.release.wait()
+        return found
+
+
+async def test_a_token_deleted_while_its_owners_devices_are_read_is_not_cached(
+    db: AsyncDatabase[Doc],
+) -> None:
+    """The delete event names no owner, and the token is not cached under anyone yet."""
+    token = f.push_token(ALICE)
+    await db[PUSH_TOKENS].insert_one(token)
+    fallback = HeldDevices(db)
+    cached = CachedDirectory(db, db[STATE], fallback)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cached.devices, [ALICE["_id"]])
+        await fallback.read.wait()
+        await db[PUSH_TOKENS].delete_one({"_id": token["_id"]})
+        cached.token_changed(token["_id"], None)
+        fallback.release.set()
+    assert await cached.devices([ALICE["_id"]]) == {}
 
 
 async def test_badges_of_nobody_query_nothing(mongo_uri: str, db: AsyncDatabase[Doc]) -> None:

@@ -366,8 +366,15 @@ class CachedDirectory:
             await self._state.bulk_write(writes, ordered=True)
 
     def token_changed(self, token_id: str, uid: str | None) -> None:
-        """Drop the cached devices of the token's old and new owner; the next lookup queries."""
-        for owner in {self._token_owner.get(token_id), uid}:
+        """Drop the cached devices of the token's old and new owner; the next lookup queries.
+
+        With neither known (a token deleted while not cached under anyone), a devices
+        query in flight may still return it: no answer in flight may be cached.
+        """
+        previous_owner = self._token_owner.get(token_id)
+        if previous_owner is None and uid is None:
+            self._fresh.all_changed()
+        for owner in {previous_owner, uid}:
             if owner is not None:
                 self._fresh.changed(("devices", owner))
                 self._devices.pop(owner)
