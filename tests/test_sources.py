@@ -78,12 +78,13 @@ async def running(
     recorder: Recorder,
     directory: CachedDirectory | None = None,
     config: Config = CONFIG,
+    tuning: StreamTuning = FAST,
 ) -> AsyncIterator[Sources]:
     """Sources over `db` until the block ends; entered once every stream is open."""
     directory = directory or directory_for(db)
     await directory.load()
     sources = Sources(
-        db, config, directory, recorder.on_messages, recorder.on_reads, recorder.on_presence, FAST
+        db, config, directory, recorder.on_messages, recorder.on_reads, recorder.on_presence, tuning
     )
     async with anyio.create_task_group() as tg:
         tg.start_soon(sources.run)

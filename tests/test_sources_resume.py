@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -14,19 +14,28 @@ import pytest
 from prometheus_client import REGISTRY
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import ConnectionFailure, NotPrimaryError, PyMongoError
+from pymongo.errors import (
+    AutoReconnect,
+    ConnectionFailure,
+    NotPrimaryError,
+    OperationFailure,
+    PyMongoError,
+)
 from structlog.testing import capture_logs
 
 from streamer import devmongo
 from streamer.config import AppConfig
 from streamer.model import MESSAGES, SETTINGS, SUBSCRIPTIONS
+from streamer.sources.events import MessageInserted
 from tests import factories as f
 from tests.test_sources import (
     ALICE,
     CONFIG,
+    FAST,
     GENERAL,
     STATE,
     Recorder,
+    directory_for,
     running,
     settle,
     wait_until,
@@ -35,6 +44,7 @@ from tests.test_sources import (
 pytestmark = pytest.mark.anyio
 Doc = dict[str, Any]
 MESSAGES_TOKEN = "resume:default:messages"
+CHANGE_STREAM_FATAL = 280
 
 
 async def saved_token(db: AsyncDatabase[Doc], key: str = MESSAGES_TOKEN) -> Doc | None:
@@ -168,6 +178,77 @@ async def test_a_lost_token_is_reported_and_the_stream_restarts_from_now(
     assert report["log_level"] == "error"
     assert sample("streamer_change_stream_history_lost_total", "messages") == lost_before + 1
     assert await saved_token(db) != token
+
+
+class FailingOnce(Recorder):
+    """The next stage meets a MongoDB error the first time it is handed messages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed = False
+
+    async def on_messages(self, events: Sequence[MessageInserted]) -> None:
+        if not self.failed:
+            self.failed = True
+            raise AutoReconnect("the next stage lost MongoDB")
+        await super().on_messages(events)
+
+
+async def test_after_lost_history_the_first_batch_is_read_again_if_not_handled(
+    db: AsyncDatabase[Doc],
+) -> None:
+    """Until a batch is handled the stream's saved place is where it reopened, not
+    after what it read: a handler failing on it makes it read that batch again."""
+    await db[STATE].insert_one({"_id": MESSAGES_TOKEN, "token": {"_data": "zz"}})
+    recorder = FailingOnce()
+    quiet = dataclasses.replace(FAST, idle_save_interval=3600.0)
+    async with running(db, recorder, tuning=quiet):
+        saved = await db[STATE].find_one({"_id": MESSAGES_TOKEN})
+        assert saved is not None and "token" not in saved and "start_at" in saved
+        kept = f.message(GENERAL, ALICE, "kept")
+        await db[MESSAGES].insert_one(kept)
+        await wait_until(lambda: kept["_id"] in recorder.messages)
+    assert recorder.failed and recorder.messages == [kept["_id"]]
+    assert await saved_token(db) is not None
+
+
+async def test_lost_history_of_the_changes_stream_empties_the_caches_it_keeps(
+    db: AsyncDatabase[Doc],
+) -> None:
+    """Changes in the gap are unknown: a cached subscription may be stale."""
+    subscription = f.subscription(ALICE, GENERAL)
+    await db[SUBSCRIPTIONS].insert_one(subscription)
+    await db[STATE].insert_one({"_id": "resume:default:changes", "token": {"_data": "zz"}})
+    directory = directory_for(db)
+    await directory.load()
+    await directory.subscriptions("GENERAL")  # cached
+    await db[SUBSCRIPTIONS].update_one(
+        {"_id": subscription["_id"]}, {"$set": {"disableNotifications": True}}
+    )  # in the gap: no stream sees it
+    async with running(db, Recorder(), directory=directory):
+        (member,) = await directory.subscriptions("GENERAL")
+    assert member.disable_notifications
+
+
+async def test_a_stream_failing_for_good_mid_way_is_reopened_not_fatal(
+    db: AsyncDatabase[Doc], mongo: AsyncMongoClient[Doc]
+) -> None:
+    """Say a getMore finds the stream's place gone from the oplog (280, not resumable):
+    the stream reopens from its saved token instead of taking the daemon down."""
+    recorder = Recorder()
+    with capture_logs() as logs:
+        async with running(db, recorder):
+            try:
+                await mongo.admin.command(
+                    "configureFailPoint", "failCommand", mode={"times": 1},
+                    data={"failCommands": ["getMore"], "errorCode": CHANGE_STREAM_FATAL},
+                )  # fmt: skip
+            except OperationFailure:
+                pytest.skip("this server does not allow test commands (enableTestCommands)")
+            await wait_until(lambda: any(line["event"] == "change_stream_failed" for line in logs))
+            message = f.message(GENERAL, ALICE)
+            await db[MESSAGES].insert_one(message)
+            await wait_until(lambda: recorder.messages == [message["_id"]])
 
 
 @pytest.fixture(scope="module")

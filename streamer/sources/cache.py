@@ -129,6 +129,15 @@ class CachedDirectory:
         self.loaded_at: Timestamp | None = None
         self._setting_values: dict[str, object] = {}
         self._settings: Settings | None = None
+        self._rooms: Expiring[str, Room | None] = Expiring(limits.rooms, limits.ttl)
+        self._roles: Expiring[str, frozenset[str] | None] = Expiring(64, limits.ttl)
+        self._away: dict[str, float] = {}
+        self._fresh = Freshness()
+        self._empty_followed_caches()
+
+    def _empty_followed_caches(self) -> None:
+        """The caches the change streams keep current, empty."""
+        limits = self._limits
         self._users: Lru[str, User] = Lru(limits.users)
         self._devices: Lru[str, tuple[PushToken, ...]] = Lru(
             limits.device_owners, on_evict=self._forget_tokens
@@ -140,10 +149,13 @@ class CachedDirectory:
         )  # fmt: skip
         self._subscription_owner: dict[str, tuple[str, str]] = {}
         self._tunread: Lru[str, tuple[str, ...]] = Lru(limits.tunreads)
-        self._rooms: Expiring[str, Room | None] = Expiring(limits.rooms, limits.ttl)
-        self._roles: Expiring[str, frozenset[str] | None] = Expiring(64, limits.ttl)
-        self._away: dict[str, float] = {}
-        self._fresh = Freshness()
+
+    async def reload(self) -> None:
+        """Start again from what MongoDB holds now: the change stream that keeps the
+        caches current missed changes (its history was lost), so any answer may be stale."""
+        self._fresh.all_changed()
+        self._empty_followed_caches()
+        await self.load()
 
     async def load(self) -> None:
         """Fill the caches that must be complete (settings, away since) and warm the rest."""

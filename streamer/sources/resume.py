@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
+from bson import Timestamp
 from pymongo.asynchronous.collection import AsyncCollection
 
 from streamer import metrics
@@ -42,6 +43,19 @@ def token_time(token: Mapping[str, Any] | None) -> float | None:
         return None
 
 
+class Position(NamedTuple):
+    """Where a stream resumes: after a token, else at a cluster time, else unknown."""
+
+    token: Mapping[str, Any] | None = None
+    start_at: Timestamp | None = None
+
+    def time(self) -> float | None:
+        """The cluster time (epoch seconds) it points at, if it can be read."""
+        if self.token is not None:
+            return token_time(self.token)
+        return None if self.start_at is None else float(self.start_at.time)
+
+
 def _event_order(token: Mapping[str, Any]) -> str:
     """`_data` starts with the cluster time (seconds, then the increment within the
     second) in big-endian hex: as strings, tokens sort by the event they mark."""
@@ -59,20 +73,31 @@ class ResumeTokens:
     def key(self, stream: str) -> str:
         return f"resume:{self._instance}:{stream}"
 
-    async def load(self, stream: str) -> Mapping[str, Any] | None:
+    async def load(self, stream: str) -> Position:
         doc = await self._state.find_one({"_id": self.key(stream)})
-        if doc is None or not isinstance(doc.get("token"), Mapping):
-            return None
+        if doc is None:
+            return Position()
         saved_at = doc.get("saved_at")
         self._track(stream, float(saved_at) if isinstance(saved_at, int | float) else time.time())
-        token: Mapping[str, Any] = doc["token"]
-        return token
+        token, start_at = doc.get("token"), doc.get("start_at")
+        return Position(
+            token if isinstance(token, Mapping) else None,
+            start_at if isinstance(start_at, Timestamp) else None,
+        )
 
     async def save(self, stream: str, token: Mapping[str, Any]) -> None:
+        await self._save(stream, {"token": dict(token)}, unset="start_at")
+
+    async def save_start(self, stream: str, at: Timestamp) -> None:
+        """Where a stream whose history was lost reopened, until its first batch is
+        handled: a restart before then reopens there, not later, skipping nothing more."""
+        await self._save(stream, {"start_at": at}, unset="token")
+
+    async def _save(self, stream: str, position: Doc, unset: str) -> None:
         now = time.time()
         await self._state.update_one(
             {"_id": self.key(stream)},
-            {"$set": {"token": dict(token), "saved_at": now, "stream": stream}},
+            {"$set": {**position, "saved_at": now, "stream": stream}, "$unset": {unset: ""}},
             upsert=True,
         )
         self._track(stream, now)

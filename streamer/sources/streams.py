@@ -44,6 +44,7 @@ from typing import Any
 import anyio
 import pymongo
 import structlog
+from bson import Timestamp
 from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
@@ -62,7 +63,7 @@ from streamer.model import MESSAGES, PUSH_TOKENS, SETTING_IDS, SETTINGS, SUBSCRI
 from streamer.sources import changes as meaning
 from streamer.sources.cache import USER_FIELDS, CachedDirectory
 from streamer.sources.events import MessageInserted, PresenceChanged, RoomRead, ThreadRead
-from streamer.sources.resume import ResumeTokens, token_time
+from streamer.sources.resume import Position, ResumeTokens
 
 log = structlog.get_logger("streamer.sources")
 Doc = dict[str, Any]
@@ -134,6 +135,8 @@ class Stream:
     handle: Handler
     #: Streams of earlier versions whose saved tokens this one takes over.
     carries: tuple[str, ...] = ()
+    #: Its changes keep the caches current (if it misses some, they must be dropped).
+    keeps_caches: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +183,7 @@ class Sources:
             Stream("messages", MESSAGES, _messages_pipeline(), None, self._messages),
             Stream(
                 CHANGES, None, _pipeline(self._routes), "updateLookup", self._dispatch,
-                carries=LEGACY_STREAMS,
+                carries=LEGACY_STREAMS, keeps_caches=True,
             ),
         ]  # fmt: skip
         self._open: set[str] = set()
@@ -261,13 +264,13 @@ class Sources:
         error after the stream had delivered; raises a transient error met before
         that, so the caller backs off.
         """
-        token = await self._tokens.load(stream.name)
-        carried = token is None and bool(stream.carries)
+        position = await self._tokens.load(stream.name)
+        carried = position == Position() and bool(stream.carries)
         if carried:
-            token = await self._tokens.oldest(stream.carries)
-        if token is None:
-            token = await self._tokens.newest_elsewhere(stream.name)
-        changes, batch = await self._open_stream(stream, token)
+            position = Position(await self._tokens.oldest(stream.carries))
+        if position == Position():
+            position = Position(await self._tokens.newest_elsewhere(stream.name))
+        changes, batch = await self._open_stream(stream, position)
         self._open.add(stream.name)
         delivered = False
         try:
@@ -284,10 +287,18 @@ class Sources:
                     await anyio.sleep(self._tuning.gather)
                 batch = await next_batch(changes)
         except PyMongoError as exc:
-            if not delivered or not is_transient(exc):
+            if not delivered:
                 raise
-            log.warning("change_stream_interrupted", stream=stream.name, error=describe(exc))
             metrics.RECONNECTS.labels(stream.name).inc()
+            if is_transient(exc):
+                log.warning("change_stream_interrupted", stream=stream.name, error=describe(exc))
+                return
+            # Say its place fell off the oplog on a getMore: reopened from the saved
+            # token, the open meets the same error and recovers (`_open_stream`).
+            log.error(
+                "change_stream_failed", stream=stream.name, error=describe(exc), action="reopen"
+            )
+            await anyio.sleep(self._tuning.reconnect_initial)
         finally:
             self._open.discard(stream.name)
             await _close(changes)
@@ -335,20 +346,34 @@ class Sources:
             metrics.MALFORMED_DOCUMENTS.labels(collection).inc()
 
     async def _open_stream(
-        self, stream: Stream, token: Mapping[str, Any] | None
+        self, stream: Stream, position: Position
     ) -> tuple[AsyncChangeStream[Doc], list[Change]]:
-        """Open after the saved token; with none (first start), where the caches were loaded."""
-        if token is None:
-            log.info("change_stream_first_start", stream=stream.name, at="cache load time")
-            return await self._watch(stream, start_at=self._directory.loaded_at)
+        """Open at the saved position; with none (first start), where the caches were loaded.
+
+        A position the server no longer has (it fell off the oplog) is reported and the
+        stream reopens from now: a crash loop would help nobody.
+        """
         try:
-            return await self._watch(stream, start_after=token)
+            if position.token is not None:
+                return await self._watch(stream, start_after=position.token)
+            if position.start_at is None:
+                log.info("change_stream_first_start", stream=stream.name, at="cache load time")
+            return await self._watch(
+                stream, start_at=position.start_at or self._directory.loaded_at
+            )
         except OperationFailure as exc:
             if is_transient(exc):
                 raise
-            opened = await self._watch(stream)
-            await self._history_lost(stream, token, exc, opened[0])
+            now = await self._cluster_time()
+            opened = await self._watch(stream, start_at=now)
+            await self._history_lost(stream, position, exc, now)
             return opened
+
+    async def _cluster_time(self) -> Timestamp | None:
+        """Just after the newest operation in the oplog: "now" as a stream start."""
+        reply = await self._db.command("ping")
+        at = reply.get("operationTime")
+        return Timestamp(at.time, at.inc + 1) if isinstance(at, Timestamp) else None
 
     async def _watch(
         self, stream: Stream, start_after: Mapping[str, Any] | None = None, start_at: Any = None
@@ -370,14 +395,12 @@ class Sources:
             raise
 
     async def _history_lost(
-        self,
-        stream: Stream,
-        token: Mapping[str, Any],
-        exc: OperationFailure,
-        reopened: AsyncChangeStream[Doc],
+        self, stream: Stream, position: Position, exc: OperationFailure, now: Timestamp | None
     ) -> None:
-        """Report the gap, and save a token from now so the next start does not meet it again."""
-        since = token_time(token)
+        """Report the gap; save where the stream reopened, so the next start neither meets
+        the lost position again nor skips the first batch if it is not handled; and drop
+        the caches this stream keeps current, since the changes in the gap are not known."""
+        since = position.time()
         log.error(
             "change_stream_history_lost",
             stream=stream.name,
@@ -389,10 +412,12 @@ class Sources:
             consequence="changes between these times were not processed",
         )
         metrics.HISTORY_LOST.labels(stream.name).inc()
-        if reopened.resume_token is not None:
-            await self._tokens.save(stream.name, reopened.resume_token)
+        if now is not None:
+            await self._tokens.save_start(stream.name, now)
         else:
             await self._tokens.drop(stream.name)
+        if stream.keeps_caches:
+            await self._directory.reload()
 
 
 async def _close(changes: AsyncChangeStream[Doc]) -> None:
