@@ -149,18 +149,27 @@ class Courier:
         deliveries.cancel()
 
     async def _deliver_one(self, entry: Entry, batch: _Batch) -> None:
+        with structlog.contextvars.bound_contextvars(
+            uid=entry.uid, rid=entry.rid, mid=entry.mid, kind=entry.kind
+        ):
+            await self._deliver_bound(entry, batch)
+
+    async def _deliver_bound(self, entry: Entry, batch: _Batch) -> None:
+        """Deliver and settle; every log line on the way names the entry."""
         try:
-            with structlog.contextvars.bound_contextvars(
-                uid=entry.uid, rid=entry.rid, mid=entry.mid, kind=entry.kind
-            ):
-                await self._settle(entry, await self.deliver(entry, batch))
+            await self._settle(entry, await self.deliver(entry, batch))
         except anyio.get_cancelled_exc_class():
             await self._hand_back(entry)
             raise
         except PyMongoError as exc:
-            # MongoDB away (restart, election): the entry is still ours; try it again.
+            # MongoDB away (restart, election), or refusing a write: the entry is still
+            # ours. Held a moment before it is given back, or an error that persists would
+            # have it taken, failed and given back in a tight loop.
             log.warning("delivery_interrupted", error=describe(exc), retry="when MongoDB is back")
-            await self._hand_back(entry)
+            try:
+                await anyio.sleep(RETRY_DELAY)
+            finally:
+                await self._hand_back(entry)
         except Exception:
             # A bug must not kill the courier or lose the entry: retry it later.
             log.exception("delivery_crashed")

@@ -8,6 +8,7 @@ asserts on what reached the gateway and what the daemon logged.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -81,6 +82,27 @@ def test_offline_users_direct_message_reaches_the_gateway(
     assert "streamer_messages_seen_total 1.0" in metrics
     assert daemon.terminate() == 0
     assert "push:  yes" in explain(daemon, message["_id"], "bob")
+
+
+def test_a_delivery_mongodb_keeps_refusing_is_retried_at_a_pace_then_sent(
+    world: World, daemon_for: Any, gateway: tuple[StubApp, str], sync_db: Database[Doc]
+) -> None:
+    """The ledger's collection refuses every write (as if the daemon's user lost write
+    access to it): the push is tried again about once a second, not in a tight loop,
+    and goes out once writes are allowed again."""
+    stub, _ = gateway
+    sync_db.create_collection("streamer_sent", validator={"refused": True})
+    daemon = daemon_for()
+    message = world.say(world.dm)
+    refusals = daemon.wait_for_log("delivery_interrupted", count=3, mid=message["_id"])
+    times = [dt.datetime.fromisoformat(line["timestamp"]) for line in refusals[:3]]
+    assert all(
+        later - earlier >= dt.timedelta(seconds=0.9) for earlier, later in itertools.pairwise(times)
+    )
+    sync_db.command("collMod", "streamer_sent", validator={})
+    (request,) = stub.wait_for(1, GCM, timeout=30)
+    assert request.json()["options"]["payload"]["messageId"] == message["_id"]
+    assert daemon.terminate() == 0
 
 
 def queued_for_online_bob(
