@@ -612,3 +612,18 @@ async def test_a_rebuild_keeps_entries_given_back_or_added_meanwhile(
         await queue.release(taken)
         await queue.add([added])
     assert sorted(e.mid for e in await queue.next_due(limit=5)) == sorted([taken.mid, added.mid])
+
+
+async def test_entries_already_in_the_collection_but_not_scheduled_are_scheduled_by_add(
+    make_queue: QueueFactory, clock: Clock
+) -> None:
+    """An insert applied though it reported an error: the batch is handled again, its
+    entries are duplicates, and still they must come out."""
+    queue, applied_before = await make_queue(), await make_queue()
+    entries = [entry(clock), entry(clock, uid="u2", due_in=5)]
+    await applied_before.add(entries)  # the same instance id: its own, leased to it
+    await queue.add(entries)
+    clock.now += 5
+    with anyio.fail_after(30):
+        taken = await queue.next_due(limit=5)
+    assert sorted(e.mid for e in taken) == sorted(e.mid for e in entries)

@@ -117,16 +117,28 @@ class Queue:
 
         Entries due at once are inserted leased to this instance: it takes them within
         milliseconds, and the lease write and read-back they would cost then are saved.
+
+        An entry already queued but known nowhere here is read back and scheduled: the
+        batch is being handled again after an insert that was applied although it
+        reported an error, or it was queued by another instance whose insert the
+        follower has not shown yet.
         """
         now = self._clock()
         until = now + self._config.lease_seconds
         due_now = {entry.id for entry in entries if entry.due_at <= now}
         new = await self._store.insert(entries, leased=due_now, until=until)
+        unknown = []
         for entry in entries:
-            if entry.id in new and entry.id not in self._held:
+            if entry.id in self._held:
+                continue
+            if entry.id in new:
                 self._schedule.put(entry_slot(entry))
                 if entry.id in due_now:
                     self._owned[entry.id] = (entry, until)
+            elif self._schedule.get(entry.uid, entry.id) is None:
+                unknown.append(entry.id)
+        if unknown:
+            await self._resync(unknown)
         self._changed_now()
 
     async def clear_read(self, uid: str, rid: str) -> int:
