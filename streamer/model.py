@@ -209,6 +209,8 @@ class Message:
     hidden: bool = False
     edited: bool = False
     has_attachments: bool = False
+    #: A thread reply also sent to the room ("Also send to channel").
+    shown_in_room: bool = False
 
     @property
     def encrypted(self) -> bool:
@@ -238,6 +240,7 @@ class Message:
             hidden=r.flag("_hidden"),
             edited=r.doc.get("editedAt") is not None,
             has_attachments=bool(r.doc.get("attachments")),
+            shown_in_room=r.flag("tshow"),
         )
 
 
@@ -280,6 +283,10 @@ class Subscription:
     mute_group_mentions: bool = False
     mobile_push: PushPreference = "default"
     email_notifications: PushPreference = "default"
+    #: The preference was copied from the account (`*PrefOrigin: 'user'`), not chosen
+    #: for this room: it is no "explicit room preference" for the large-room rule.
+    mobile_push_inherited: bool = False
+    email_inherited: bool = False
     user_highlights: tuple[str, ...] = ()
     #: Thread ids with unread replies for this user.
     tunread: tuple[str, ...] = ()
@@ -308,6 +315,8 @@ class Subscription:
             email_notifications=r.choice(  # type: ignore[arg-type]
                 "emailNotifications", PUSH_PREFERENCES, "default"
             ),
+            mobile_push_inherited=r.doc.get("mobilePrefOrigin") == "user",
+            email_inherited=r.doc.get("emailPrefOrigin") == "user",
             user_highlights=r.strings("userHighlights"),
             tunread=r.strings("tunread"),
         )

@@ -122,3 +122,16 @@ def test_the_disabled_status_is_offline_and_an_unknown_one_malformed() -> None:
     assert User.from_doc({**f.user("dora"), "status": ""}).status == "offline"
     with pytest.raises(MalformedDocument, match="status='sleepy'"):
         User.from_doc(f.user("dora", status="sleepy"))
+
+
+def test_also_sent_to_the_room_and_preferences_copied_from_the_account() -> None:
+    reply = Message.from_doc({**f.message(GENERAL, ALICE), "tmid": "p1", "tshow": True})
+    assert reply.shown_in_room
+    sub = Subscription.from_doc(
+        f.subscription(
+            ALICE, GENERAL, mobilePushNotifications="all", mobilePrefOrigin="user",
+            emailNotifications="all", emailPrefOrigin="subscription",
+        )
+    )  # fmt: skip
+    assert (sub.mobile_push, sub.mobile_push_inherited) == ("all", True)
+    assert (sub.email_notifications, sub.email_inherited) == ("all", False)

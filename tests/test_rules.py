@@ -292,6 +292,13 @@ def large(**scene: Any) -> Scene:
      R.PREFERENCE_ALL, R.LARGE_ROOM),
     ("large-account-all-is-not-enough", large(user={"push_preference": "all"}),
      R.LARGE_ROOM, R.LARGE_ROOM),
+    # Rocket.Chat copies the account preference into subscriptions (`mobilePrefOrigin:
+    # 'user'`): such an "all" was not chosen for the room.
+    ("large-room-all-copied-from-account", large(sub={"mobile_push": "all",
+     "mobile_push_inherited": True, "email_notifications": "all", "email_inherited": True}),
+     R.LARGE_ROOM, R.LARGE_ROOM),
+    ("large-room-email-all", large(sub={"email_notifications": "all"}),
+     R.LARGE_ROOM, R.PREFERENCE_ALL),
     ("dm-never-large", large(room={"type": "d"}), R.DIRECT_MESSAGE, R.DIRECT_MESSAGE),
     ("at-the-limit", Scene(active_members=100), R.PREFERENCE_ALL, R.NOT_MENTIONED),
     ("unlimited", Scene(active_members=100_000, settings={"max_room_members": 0}),
@@ -379,6 +386,12 @@ THREAD = {"tmid": "p1"}
     ("parent-missing", Scene(message=THREAD), R.THREAD_NOT_PARTICIPANT, R.THREAD_NOT_PARTICIPANT),
     ("participant-preference-nothing", Scene(message=THREAD, parent={"replies": (BOB,)},
      sub={"mobile_push": "nothing"}), R.PREFERENCE_NOTHING, R.THREAD_PARTICIPANT),
+    # "Also send to channel" (`tshow`): a room message as well.
+    ("also-sent-to-the-room", Scene(message={**THREAD, "shown_in_room": True}, parent={}),
+     R.PREFERENCE_ALL, R.NOT_MENTIONED),
+    # Rocket.Chat counts a DM's members in its threads, however `replies` stands.
+    ("in-a-dm", Scene(room=DM, message=THREAD, parent={}),
+     R.DIRECT_MESSAGE, R.DIRECT_MESSAGE),
 )  # fmt: skip
 def test_thread_replies_notify_participants_and_mentioned(
     scene: Scene, push: Reason, email: Reason

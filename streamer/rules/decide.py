@@ -100,7 +100,8 @@ def plan_message(
         mid=message.id,
         sender_id=message.sender.id,
         is_dm=is_dm,
-        is_thread=message.tmid is not None,
+        # A reply also sent to the room is a room message too (Rocket.Chat's `tshow`).
+        is_thread=message.tmid is not None and not message.shown_in_room,
         large=not is_dm and limit > 0 and active_members > limit,
         participants=participants,
         mentioned=frozenset(mention_ids - GROUP_MENTIONS) | team_members,
@@ -146,7 +147,7 @@ def _blocked(plan: MessagePlan, sub: Subscription, user: User, named: bool) -> R
         return Reason.SENDER_IS_RECIPIENT
     if not user.active:
         return Reason.USER_INACTIVE
-    if plan.is_thread and not named:
+    if plan.is_thread and not named and not plan.is_dm:  # DM members are in its threads
         return Reason.THREAD_NOT_PARTICIPANT
     if sub.disable_notifications:
         return Reason.ROOM_NOTIFICATIONS_DISABLED
@@ -173,7 +174,8 @@ def _push_reason(
     preference = _effective(sub.mobile_push, user.push_preference, plan.default_push)
     if preference == "nothing":
         return Reason.PREFERENCE_NOTHING
-    reason = _relevance(plan, sub.mobile_push, preference, mentioned, highlighted, participant)
+    chosen = "default" if sub.mobile_push_inherited else sub.mobile_push
+    reason = _relevance(plan, chosen, preference, mentioned, highlighted, participant)
     if not reason.notifies:
         return reason
     if plan.busy_blocks_push and user.status == "busy":
@@ -198,9 +200,8 @@ def _email_reason(
     preference = _effective(sub.email_notifications, user.email_preference, plan.default_email)
     if preference == "nothing":
         return Reason.PREFERENCE_NOTHING
-    reason = _relevance(
-        plan, sub.email_notifications, preference, mentioned, highlighted, participant
-    )
+    chosen = "default" if sub.email_inherited else sub.email_notifications
+    reason = _relevance(plan, chosen, preference, mentioned, highlighted, participant)
     if reason.notifies and user.status_connection == "online":
         return Reason.USER_ONLINE_ON_DESKTOP
     return reason

@@ -80,7 +80,7 @@ LEGACY_STREAMS = ("subscriptions", "users", "settings", "push_tokens")
 #: Message fields the rules read (SPEC §2). Of the attachments only their
 #: presence matters: projecting one sub-field keeps one (maybe empty) object each.
 MESSAGE_FIELDS = (
-    "_id", "rid", "msg", "ts", "u", "t", "tmid", "tcount", "replies", "mentions",
+    "_id", "rid", "msg", "ts", "u", "t", "tmid", "tshow", "tcount", "replies", "mentions",
     "_hidden", "editedAt", "e2e", "attachments.title",
 )  # fmt: skip
 #: Subscription fields whose change matters: reads, preferences, membership. Other
@@ -88,7 +88,7 @@ MESSAGE_FIELDS = (
 SUBSCRIPTION_FIELDS = (
     "ls", "tunread", "open", "archived", "disableNotifications", "ignored",
     "muteGroupMentions", "mobilePushNotifications", "emailNotifications",
-    "userHighlights", "name", "fname", "t", "rid", "u",
+    "mobilePrefOrigin", "emailPrefOrigin", "userHighlights", "name", "fname", "t", "rid", "u",
 )  # fmt: skip
 #: User fields whose change matters: presence, activity, preferences, addresses.
 USER_WATCHED_FIELDS = (
