@@ -192,6 +192,8 @@ class Mention:
     id: str
     username: str | None = None
     type: str | None = None
+    #: The mentioned user's real name, as Rocket.Chat stores it with the mention.
+    name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,8 +211,12 @@ class Message:
     hidden: bool = False
     edited: bool = False
     has_attachments: bool = False
+    #: The first attachment is an image (an upload without text is "an image").
+    image_attached: bool = False
     #: A thread reply also sent to the room ("Also send to channel").
     shown_in_room: bool = False
+    #: An e2e message's encrypted `content` ({algorithm, ciphertext}), for the apps.
+    e2e_content: dict[str, str] | None = None
 
     @property
     def encrypted(self) -> bool:
@@ -240,8 +246,25 @@ class Message:
             hidden=r.flag("_hidden"),
             edited=r.doc.get("editedAt") is not None,
             has_attachments=bool(r.doc.get("attachments")),
+            image_attached=_first_attachment_is_image(r.doc.get("attachments")),
             shown_in_room=r.flag("tshow"),
+            e2e_content=_strings_only(r.doc.get("content")),
         )
+
+
+def _first_attachment_is_image(attachments: object) -> bool:
+    if not isinstance(attachments, list) or not attachments:
+        return False
+    first = attachments[0]
+    return isinstance(first, Mapping) and bool(first.get("image_type") or first.get("image_url"))
+
+
+def _strings_only(value: object) -> dict[str, str] | None:
+    """A sub-document's string fields (safe to pass on as JSON); None if it has none."""
+    if not isinstance(value, Mapping):
+        return None
+    found = {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
+    return found or None
 
 
 def _mentions(r: _Reader) -> tuple[Mention, ...]:
@@ -253,12 +276,13 @@ def _mentions(r: _Reader) -> tuple[Mention, ...]:
     found = []
     for item in value:
         if isinstance(item, Mapping) and isinstance(item.get("_id"), str):
-            username, kind = item.get("username"), item.get("type")
+            username, kind, name = item.get("username"), item.get("type"), item.get("name")
             found.append(
                 Mention(
                     id=item["_id"],
                     username=username if isinstance(username, str) else None,
                     type=kind if isinstance(kind, str) else None,
+                    name=name if isinstance(name, str) and name else None,
                 )
             )
     return tuple(found)
@@ -334,6 +358,8 @@ class Room:
     #: Read-only (`ro`) and the usernames muted in it: who may not answer a push.
     read_only: bool = False
     muted: frozenset[str] = frozenset()
+    #: A direct message's members by username (what names a group DM with no name).
+    usernames: tuple[str, ...] = ()
 
     @classmethod
     def from_doc(cls, doc: object) -> Room:
@@ -348,6 +374,7 @@ class Room:
             team_main=r.flag("teamMain"),
             read_only=r.flag("ro"),
             muted=frozenset(r.strings("muted")),
+            usernames=r.strings("usernames") if r.doc.get("t") == "d" else (),
         )
 
     def can_write(self, username: str) -> bool:

@@ -11,6 +11,7 @@ from streamer.model import (
     MalformedDocument,
     Message,
     PushToken,
+    Room,
     Settings,
     Subscription,
     User,
@@ -135,3 +136,18 @@ def test_also_sent_to_the_room_and_preferences_copied_from_the_account() -> None
     )  # fmt: skip
     assert (sub.mobile_push, sub.mobile_push_inherited) == ("all", True)
     assert (sub.email_notifications, sub.email_inherited) == ("all", False)
+
+
+def test_what_notification_texts_need_of_a_message_and_its_room() -> None:
+    doc = {
+        **f.message(GENERAL, ALICE, "@bob"),
+        "mentions": [{"_id": "u-bob", "username": "bob", "name": "Bob Real"}],
+        "attachments": [{"image_type": "image/png"}, {"title": "notes.txt"}],
+        "content": {"algorithm": "rc.v2.aes-sha2", "ciphertext": "Zm9v", "kid": 7},
+    }
+    message = Message.from_doc(doc)
+    assert message.mentions[0].name == "Bob Real"
+    assert message.image_attached
+    assert message.e2e_content == {"algorithm": "rc.v2.aes-sha2", "ciphertext": "Zm9v"}
+    group = Room.from_doc({"_id": "RGRP", "t": "d", "usernames": ["alice", "bob", 3]})
+    assert group.usernames == ("alice", "bob")

@@ -19,7 +19,7 @@ from streamer.delivery.payload import (
     not_id,
     truncate,
 )
-from streamer.model import Message, Room, Settings, User, UserRef
+from streamer.model import Mention, Message, Room, Settings, User, UserRef
 
 NOW = 1_700_000_000.25
 SETTINGS = Settings(unique_id="abc123", site_url="https://chat.example.org")
@@ -139,11 +139,37 @@ def test_read_only_and_muted_come_from_the_room_document() -> None:
     assert (room.read_only, room.muted) == (True, frozenset({"bob"}))
 
 
-def test_attachment_without_text_says_so() -> None:
-    content = build_push_content(
-        message("", has_attachments=True), GENERAL, BOB, SETTINGS, badge=0, now=NOW
-    )
-    assert content.text == "alice: Sent an attachment"
+@pytest.mark.parametrize(
+    ("image", "said"), [(True, "Uploaded an image"), (False, "Uploaded a file")]
+)
+def test_an_upload_without_text_says_what_it_is(image: bool, said: str) -> None:
+    upload = message("", has_attachments=True, image_attached=image)
+    content = build_push_content(upload, GENERAL, BOB, SETTINGS, badge=0, now=NOW)
+    assert content.text == f"alice: {said}"
+
+
+def test_emoji_codes_become_emoji_and_real_names_replace_mentions() -> None:
+    mentions = (Mention("u-bob", "bob", name="Bob Real"), Mention("u-x", "bo", name="Bo"))
+    text = message("@bob :thumbsup: @bobby, ask @bo", mentions=mentions)
+    plain = build_push_content(text, GENERAL, BOB, SETTINGS, badge=0, now=NOW)
+    assert plain.text == "alice: @bob 👍 @bobby, ask @bo"
+    real = dataclasses.replace(SETTINGS, use_real_name=True)
+    named = build_push_content(text, GENERAL, BOB, real, badge=0, now=NOW)
+    assert named.text == "Alice Liddell: Bob Real 👍 @bobby, ask Bo"
+
+
+def test_a_group_dm_without_a_name_is_named_by_its_other_members() -> None:
+    group = Room(id="RGRP", type="d", users_count=3, usernames=("alice", "bob", "carol"))
+    content = build_push_content(message(), group, BOB, SETTINGS, badge=0, now=NOW)
+    assert content.title == "#alice, carol"
+
+
+def test_an_e2e_messages_encrypted_content_is_passed_on() -> None:
+    secret = {"algorithm": "rc.v2.aes-sha2", "ciphertext": "Zm9v"}
+    e2e = message("", type="e2e", e2e_content=secret)
+    content = build_push_content(e2e, DM, BOB, SETTINGS, badge=0, now=NOW)
+    assert content.payload["content"] == secret
+    assert content.text == ENCRYPTED_TEXT  # a DM: the sender is the title
 
 
 @pytest.mark.parametrize("kind", ["apn", "gcm"])

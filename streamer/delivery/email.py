@@ -22,6 +22,7 @@ from streamer import metrics
 from streamer.config import EmailConfig
 from streamer.delivery.direct import Clock
 from streamer.delivery.errors import CredentialsError, Outcome, TemporaryDeliveryError
+from streamer.delivery.payload import readable_text
 from streamer.model import Message, Room, RoomType, Settings, User
 
 #: "auto" upgrades with STARTTLS when the server offers it, like Rocket.Chat's
@@ -110,7 +111,7 @@ def email_content(
         room_name=sender_name if room.type == "d" else (room.fname or room.name or room.id),
         room_type=room.type,
         sender_name=sender_name,
-        text=_message_text(message),
+        text=readable_text(message, settings),
         site_name=settings.site_name,
         site_url=site_url,
         room_url=f"{site_url}/{ROOM_ROUTES[room.type]}/{slug}",
@@ -123,15 +124,6 @@ def _display_name(message: Message, settings: Settings, sender: User | None) -> 
     if settings.use_real_name:
         return (sender.name if sender else None) or message.sender.name or username
     return username
-
-
-def _message_text(message: Message) -> str:
-    """Never the ciphertext of an end-to-end encrypted message."""
-    if message.encrypted:
-        return "Encrypted message"
-    if not message.text and message.has_attachments:
-        return "Sent an attachment"
-    return message.text
 
 
 def email_subject(content: EmailContent) -> str:

@@ -9,10 +9,14 @@ open the room from, and `notId`, which the apps use to group a room's pushes.
 from __future__ import annotations
 
 import datetime as dt
+import re
+from collections.abc import Sequence
 from typing import Any
 
+import emoji
+
 from streamer.delivery.base import Device, PushContent
-from streamer.model import Message, Room, Settings, User
+from streamer.model import Mention, Message, Room, Settings, User
 
 #: The gateway refuses longer strings; counted like JavaScript, in UTF-16 units.
 TITLE_LIMIT = 65
@@ -21,7 +25,9 @@ ELLIPSIS = "..."
 #: What a push says when it must not show the message (Rocket.Chat's English text).
 GENERIC_TEXT = "You have a new message"
 ENCRYPTED_TEXT = "Encrypted message"
-ATTACHMENT_TEXT = "Sent an attachment"
+#: Rocket.Chat's User_uploaded_image / User_uploaded_file, for an upload without text.
+IMAGE_TEXT = "Uploaded an image"
+FILE_TEXT = "Uploaded a file"
 CATEGORY_REPLY = "MESSAGE"
 CATEGORY_NO_REPLY = "MESSAGE_NOREPLY"
 #: Rocket.Chat's `Assets_favicon_192`, which Android shows next to the push.
@@ -80,7 +86,7 @@ def build_push_content(
     """
     id_only = settings.push_request_content_from_server
     sender_label = _sender_label(message, settings, sender)
-    room_label = _room_label(room, settings)
+    room_label = _room_label(room, settings, recipient.username)
     body = _message_text(message, settings)
     title = "" if id_only else room_label or sender_label
     text = body if id_only or not room_label else f"{sender_label}: {body}"
@@ -113,11 +119,16 @@ def _sender_label(message: Message, settings: Settings, sender: User | None) -> 
     return (settings.use_real_name and real_name) or username
 
 
-def _room_label(room: Room | None, settings: Settings) -> str:
-    """`#room` for group chats (the title); empty for DMs, whose title is the sender."""
+def _room_label(room: Room | None, settings: Settings, recipient: str) -> str:
+    """`#room` for group chats (the title); empty for DMs, whose title is the sender.
+
+    A group DM has no name of its own: it is named by its other members, as the
+    recipient's room list shows it.
+    """
     if room is None or not settings.push_show_username_room or not _is_group_chat(room):
         return ""
-    return f"#{room.fname or room.name or room.id}"
+    others = ", ".join(u for u in room.usernames if u != recipient)
+    return f"#{room.fname or room.name or others or room.id}"
 
 
 def _is_group_chat(room: Room) -> bool:
@@ -127,9 +138,32 @@ def _is_group_chat(room: Room) -> bool:
 def _message_text(message: Message, settings: Settings) -> str:
     if settings.push_request_content_from_server or not settings.push_show_message:
         return GENERIC_TEXT
+    return readable_text(message, settings)
+
+
+def readable_text(message: Message, settings: Settings) -> str:
+    """The message as a notification shows it (Rocket.Chat's parseMessageTextPerUser):
+    never an e2e message's ciphertext, words for an upload without text, emoji codes
+    as emoji, and with UI_Use_Real_Name the mentioned by their real names."""
     if message.encrypted:
         return ENCRYPTED_TEXT
-    return message.text or (ATTACHMENT_TEXT if message.has_attachments else "")
+    if not message.text:
+        if not message.has_attachments:
+            return ""
+        return IMAGE_TEXT if message.image_attached else FILE_TEXT
+    text = message.text
+    if settings.use_real_name:
+        text = _real_names(text, message.mentions)
+    return emoji.emojize(text, language="alias")
+
+
+def _real_names(text: str, mentions: Sequence[Mention]) -> str:
+    """`@bob` → `Bob Real` for each mention that carries a name (not `@bobby`)."""
+    for mention in mentions:
+        if mention.username and mention.name:
+            literal = mention.name.replace("\\", "\\\\")  # a replacement, not a template
+            text = re.sub(rf"@{re.escape(mention.username)}(?![\w.-])", literal, text)
+    return text
 
 
 def _host(site_url: str) -> str:
@@ -164,8 +198,11 @@ def _payload(
         "tmid": message.tmid,
     }
     if message.encrypted:
-        # The apps decrypt the push themselves; this is the ciphertext.
+        # The apps decrypt the push themselves: the ciphertext, in whichever field
+        # the sending client put it.
         details["msg"] = message.text
+        if message.e2e_content:
+            details["content"] = message.e2e_content
     return base | details
 
 
