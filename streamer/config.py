@@ -59,7 +59,7 @@ class QueueConfig:
     #: Entries older than this are dropped, like Rocket.Chat's 2 h queue TTL.
     max_age: float = 7200.0
     #: How long an instance owns an entry it took for delivery before another may.
-    lease_seconds: float = 60.0
+    lease_seconds: float = field(default=60.0, metadata={"min": 1})
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +75,7 @@ class DeliveryConfig:
     #: Unset: use the Push_gateway setting (every line, in order).
     gateway_urls: tuple[str, ...] | None = None
     #: Requests in flight; a gateway ~50-100 ms away needs hundreds (Sygnal caps at 512).
-    concurrency: int = 256
+    concurrency: int = field(default=256, metadata={"min": 1})
     timeout: float = 10.0
     give_up_after: float = 3600.0
     retry_initial: float = 1.0
@@ -110,7 +110,7 @@ class EmailConfig:
     enabled: bool = True
     #: Unset SMTP keys fall back to Rocket.Chat's SMTP_* settings.
     host: str | None = None
-    port: int | None = None
+    port: int | None = field(default=None, metadata={"min": 1, "max": 65535})
     username: str | None = None
     password: str | None = _secret()
     security: Literal["none", "starttls", "tls"] | None = None
@@ -225,13 +225,27 @@ def _build(raw: dict[str, dict[str, tuple[Any, str]]]) -> Config:
     built: dict[str, Any] = {}
     for section, cls in _sections().items():
         hints = typing.get_type_hints(cls)
-        secret = {f.name for f in dataclasses.fields(cls) if _is_secret(f)}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {
-            key: _coerce(value, hints[key], where, key in secret)
+            key: _within(
+                _coerce(value, hints[key], where, _is_secret(fields[key])), fields[key], where
+            )
             for key, (value, where) in raw.get(section, {}).items()
         }
         built[section] = cls(**values)
     return Config(**built)
+
+
+def _within(value: Any, f: dataclasses.Field[Any], where: str) -> Any:
+    """Numbers within the field's bounds: never negative, and at least `min` (a port, a
+    count of requests) where less cannot work."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return value
+    low, high = f.metadata.get("min", 0), f.metadata.get("max")
+    if value < low or (high is not None and value > high):
+        expected = f"{low} to {high}" if high is not None else f"at least {low}"
+        raise ConfigError(f"{where}: expected {expected}, got {value!r}")
+    return value
 
 
 def _is_secret(f: dataclasses.Field[Any]) -> bool:

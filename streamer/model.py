@@ -505,6 +505,8 @@ class Settings:
     #: Secrets: kept out of repr() so no log line or traceback can carry them.
     smtp_password: str | None = field(default=None, repr=False)
     smtp_protocol: str | None = None
+    #: Rocket.Chat's mailer skips STARTTLS unless this is turned off (its default: on).
+    smtp_ignore_tls: bool = True
     workspace_access_token: str | None = field(default=None, repr=False)
     workspace_access_token_expires_at: float | None = None
     problems: tuple[str, ...] = field(default=(), compare=False)
@@ -514,7 +516,7 @@ class Settings:
         problems: list[str] = []
         kwargs: dict[str, Any] = {}
         for setting_id, (attr, parse) in _SETTING_PARSERS.items():
-            if setting_id not in values or values[setting_id] is None:
+            if values.get(setting_id) in (None, ""):  # Rocket.Chat's "not set"
                 continue
             raw = values[setting_id]
             parsed = parse(raw)
@@ -547,6 +549,11 @@ def _as_int(value: object) -> Any:
         except ValueError:
             return _INVALID
     return _INVALID
+
+
+def _as_port(value: object) -> Any:
+    port = _as_int(value)
+    return port if port is _INVALID or 0 < port < 65536 else _INVALID
 
 
 def _as_str(value: object) -> Any:
@@ -604,7 +611,8 @@ _SETTING_PARSERS: dict[str, tuple[str, Any]] = {
     "Troubleshoot_Disable_Notifications": ("troubleshoot_disable_notifications", _as_bool),
     "From_Email": ("from_email", _as_str),
     "SMTP_Host": ("smtp_host", _as_str),
-    "SMTP_Port": ("smtp_port", _as_int),
+    "SMTP_Port": ("smtp_port", _as_port),
+    "SMTP_IgnoreTLS": ("smtp_ignore_tls", _as_bool),
     "SMTP_Username": ("smtp_username", _as_str),
     "SMTP_Password": ("smtp_password", _as_str),
     "SMTP_Protocol": ("smtp_protocol", _as_str),

@@ -103,6 +103,9 @@ def test_unknown_env_key_names_the_variable() -> None:
         ('[queue]\nclear_on_read = "all"\n', r"expected 'user' or 'room', got 'all'"),
         ("[delivery]\ngateway_urls = [1]\n", r"expected a list of strings"),
         ("[queue]\ndelay_online = nan\n", r"delay_online: expected a finite number, got nan"),
+        ("[email]\nport = 70000\n", r"\[email\] port: expected 1 to 65535, got 70000"),
+        ("[delivery]\nconcurrency = 0\n", r"concurrency: expected at least 1, got 0"),
+        ("[queue]\ndelay_away = -5\n", r"delay_away: expected at least 0, got -5"),
         ("[app]\nshutdown_grace = inf\n", r"shutdown_grace: expected a finite number, got inf"),
     ],
 )

@@ -15,7 +15,7 @@ from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword
 
 from streamer.config import EmailConfig
 from streamer.delivery.email import EmailContent, Mailer, SmtpServer, build_email, email_content
-from streamer.delivery.errors import Outcome, TemporaryDeliveryError
+from streamer.delivery.errors import CredentialsError, Outcome, TemporaryDeliveryError
 from streamer.devmongo import free_port
 from streamer.model import Message, Room, Settings, User
 from tests import factories
@@ -170,9 +170,42 @@ def test_config_keys_beat_the_settings() -> None:
     )
 
 
-def test_default_port_follows_the_security() -> None:
-    server = SmtpServer.resolve(EmailConfig(host="h", from_address="a@b.c"), Settings())
-    assert server is not None and (server.security, server.port) == ("auto", 25)
+@pytest.mark.parametrize(
+    ("values", "security", "port"),
+    [
+        ({}, "none", 25),  # SMTP_IgnoreTLS is on by default: Rocket.Chat never upgrades
+        ({"SMTP_IgnoreTLS": False}, "auto", 25),
+        ({"SMTP_Protocol": "smtps"}, "tls", 465),
+    ],
+)
+def test_security_and_default_port_follow_rocket_chats_mailer(
+    values: dict[str, Any], security: str, port: int
+) -> None:
+    config = EmailConfig(host="h", from_address="a@b.c")
+    server = SmtpServer.resolve(config, Settings.from_values(values))
+    assert server is not None and (server.security, server.port) == (security, port)
+
+
+def test_blank_smtp_login_settings_mean_no_login() -> None:
+    """Rocket.Chat's defaults for SMTP_Username/Password (and SMTP_Port) are ''."""
+    blank = {"SMTP_Username": "", "SMTP_Password": "", "SMTP_Port": ""}
+    settings = Settings.from_values(blank)
+    assert settings.problems == ()
+    server = SmtpServer.resolve(EmailConfig(host="h", from_address="a@b.c", username=""), settings)
+    assert server is not None and (server.username, server.password, server.port) == (
+        None,
+        None,
+        25,
+    )
+
+
+def test_a_room_name_beyond_ascii_is_a_valid_link() -> None:
+    room = Room(id="R9", type="c", name="café-général")
+    built = email_content(message_to(room), room, BOB, SETTINGS, ALICE)
+    assert built is not None
+    assert built.room_url == "https://chat.example.org/channel/caf%C3%A9-g%C3%A9n%C3%A9ral"
+    mail = build_email(built, from_address="chat@example.org", now=0.0)
+    assert str(mail["List-Unsubscribe"]).isascii()
 
 
 @pytest.mark.parametrize(
@@ -297,6 +330,23 @@ async def test_deferred_recipient_is_temporary(smtp: tuple[Mailbox, int]) -> Non
     mailbox.replies["bob@example.org"] = "450 4.2.1 Mailbox busy, try later"
     with pytest.raises(TemporaryDeliveryError, match="450"):
         await Mailer(local_server(port)).send(content())
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")  # a local test server
+async def test_a_server_that_requires_a_login_is_a_credentials_error_not_a_refusal() -> None:
+    """530 on MAIL FROM says nothing about this mail: it is kept, and the cause is loud."""
+    mailbox, port = Mailbox(), free_port()
+    controller = Controller(
+        mailbox, hostname="127.0.0.1", port=port, authenticator=mailbox.authenticate,
+        auth_require_tls=False, auth_required=True,
+    )  # fmt: skip
+    controller.start()
+    try:
+        with pytest.raises(CredentialsError, match="requires a login"):
+            await Mailer(local_server(port)).send(content())
+    finally:
+        controller.stop()
+    assert mailbox.envelopes == []
 
 
 async def test_server_down_is_temporary() -> None:

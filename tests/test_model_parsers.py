@@ -151,3 +151,10 @@ def test_what_notification_texts_need_of_a_message_and_its_room() -> None:
     assert message.e2e_content == {"algorithm": "rc.v2.aes-sha2", "ciphertext": "Zm9v"}
     group = Room.from_doc({"_id": "RGRP", "t": "d", "usernames": ["alice", "bob", 3]})
     assert group.usernames == ("alice", "bob")
+
+
+@pytest.mark.parametrize("port", [0, 65536, -25, "99999"])
+def test_a_port_no_socket_can_use_is_a_bad_setting(port: object) -> None:
+    settings = Settings.from_values({"SMTP_Port": port})
+    assert settings.smtp_port is None
+    assert len(settings.problems) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import email.utils
 import html
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 from typing import Literal
@@ -21,13 +22,20 @@ import structlog
 from streamer import metrics
 from streamer.config import EmailConfig
 from streamer.delivery.direct import Clock
-from streamer.delivery.errors import CredentialsError, Outcome, TemporaryDeliveryError
+from streamer.delivery.errors import (
+    CredentialsError,
+    DeliveryError,
+    Outcome,
+    TemporaryDeliveryError,
+)
 from streamer.delivery.payload import readable_text
 from streamer.model import Message, Room, RoomType, Settings, User
 
 #: "auto" upgrades with STARTTLS when the server offers it, like Rocket.Chat's
-#: mailer does for SMTP_Protocol "smtp".
+#: mailer does for SMTP_Protocol "smtp" once SMTP_IgnoreTLS is turned off.
 Security = Literal["none", "starttls", "tls", "auto"]
+#: The SMTP reply "authentication required": the server wants a login we did not give.
+AUTHENTICATION_REQUIRED = 530
 DEFAULT_PORTS: dict[Security, int] = {"none": 25, "auto": 25, "starttls": 587, "tls": 465}
 #: Rocket.Chat's route segment for each room type.
 ROOM_ROUTES: dict[RoomType, str] = {"c": "channel", "p": "group", "d": "direct", "l": "live"}
@@ -59,17 +67,26 @@ class SmtpServer:
         elif not from_address or "@" not in email.utils.parseaddr(from_address)[1]:
             why = "no sender address: set [email] from_address or Rocket.Chat's From_Email"
         else:
-            security = config.security or ("tls" if settings.smtp_protocol == "smtps" else "auto")
+            security = config.security or _security(settings)
             return cls(
                 host=host,
                 port=config.port or settings.smtp_port or DEFAULT_PORTS[security],
                 from_address=from_address,
                 security=security,
-                username=config.username or settings.smtp_username,
-                password=config.password or settings.smtp_password,
+                # Blank is "no login", as Rocket.Chat's defaults have it.
+                username=config.username or settings.smtp_username or None,
+                password=config.password or settings.smtp_password or None,
             )
         log.info("email_notifications_off", reason=why)
         return None
+
+
+def _security(settings: Settings) -> Security:
+    """What Rocket.Chat's own mailer does with the same settings, so a relay it can
+    send through (a self-signed certificate, say) works here too."""
+    if settings.smtp_protocol == "smtps":
+        return "tls"
+    return "none" if settings.smtp_ignore_tls else "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +131,7 @@ def email_content(
         text=readable_text(message, settings),
         site_name=settings.site_name,
         site_url=site_url,
-        room_url=f"{site_url}/{ROOM_ROUTES[room.type]}/{slug}",
+        room_url=f"{site_url}/{ROOM_ROUTES[room.type]}/{urllib.parse.quote(slug, safe='')}",
         mentioned=any(m.id == recipient.id for m in message.mentions),
     )
 
@@ -223,7 +240,12 @@ class Mailer:
                     f"({exc.code} {exc.message}); check [email] username/password or SMTP_*"
                 ) from exc
             return self._refused(content, exc.code, exc.message)
+        except (aiosmtplib.SMTPSenderRefused, aiosmtplib.SMTPHeloError) as exc:
+            # The server refuses us, not this mail: retried (and loud) until fixed.
+            raise self._server_refused(exc) from exc
         except aiosmtplib.SMTPResponseException as exc:
+            if exc.code == AUTHENTICATION_REQUIRED:
+                raise self._server_refused(exc) from exc
             return self._refused(content, exc.code, exc.message)
         except (aiosmtplib.SMTPException, OSError) as exc:
             metrics.EMAILS.labels("temporary").inc()
@@ -248,6 +270,20 @@ class Mailer:
             use_tls=server.security == "tls",
             start_tls={"starttls": True, "auto": None}.get(server.security, False),
             timeout=server.timeout,
+        )
+
+    def _server_refused(self, exc: aiosmtplib.SMTPResponseException) -> DeliveryError:
+        """A refusal of the sender or the session: no mail can go out until it is fixed."""
+        if exc.code == AUTHENTICATION_REQUIRED:
+            metrics.EMAILS.labels("credentials").inc()
+            return CredentialsError(
+                f"SMTP {self.server.host} requires a login ({exc.code} {exc.message}); "
+                "set [email] username/password or SMTP_Username/SMTP_Password"
+            )
+        metrics.EMAILS.labels("temporary").inc()
+        return TemporaryDeliveryError(
+            f"SMTP {self.server.host} refused the session or the sender address "
+            f"({exc.code} {exc.message}); check the From address and the server's rules"
         )
 
     def _refused(self, content: EmailContent, code: int, reply: str) -> Outcome:
