@@ -15,13 +15,15 @@ from collections.abc import Mapping
 from typing import Any, TextIO
 
 import anyio
+from bson import Timestamp
 from pymongo import AsyncMongoClient
+from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
 from streamer.config import Config, override_settings
 from streamer.decisions import decide_message
 from streamer.directory import DatabaseDirectory, Directory, one_message
-from streamer.model import Message, Room, Settings, User
+from streamer.model import MESSAGES, Message, Room, Settings, User
 from streamer.queue.policy import due_at
 from streamer.rules import Decision, Reason
 from streamer.sources.cache import load_away_since
@@ -29,6 +31,8 @@ from streamer.sources.cache import load_away_since
 Doc = dict[str, Any]
 #: Seconds to wait for MongoDB before giving up, unless the URI says otherwise.
 MONGO_TIMEOUT_MS = 5000
+#: Seconds before a message's timestamp its insert is looked for (a client clock ahead).
+INSERT_SEARCH_SLACK = 300
 ROOM_KINDS = {"c": "channel", "p": "private group", "d": "direct message", "l": "omnichannel"}
 
 
@@ -57,8 +61,9 @@ async def _explain_live(config: Config, message_id: str, user: str | None, out: 
         db = client[config.mongo.database]
         away = await load_away_since(db[config.mongo.state_collection])
         await explain(
-            DatabaseDirectory(db), message_id, config, out, user=user, now=time.time(), away=away
-        )
+            DatabaseDirectory(db), message_id, config, out,
+            user=user, now=time.time(), away=away, oplog=client["local"]["oplog.rs"],
+        )  # fmt: skip
     finally:
         await client.close()
 
@@ -72,11 +77,14 @@ async def explain(
     user: str | None = None,
     now: float,
     away: Mapping[str, float] | None = None,
+    oplog: AsyncCollection[Doc] | None = None,
 ) -> None:
     """Print the decision for every recipient of `message_id`, or only `user` (name or id).
 
     `away`: when each away user turned away, as the daemon recorded it; a user
     missing from it counts as away since their document last changed (SPEC §5).
+    `oplog`: where to find when the message was inserted, the moment the daemon
+    decided it at (an imported message's timestamp can be far older).
     Raises `ExplainError` when the message, its room or the user cannot be found.
     """
     message = await one_message(directory, message_id)
@@ -84,8 +92,14 @@ async def explain(
         raise ExplainError(f"message {message_id!r} not found (or its document is malformed)")
     settings = override_settings(await directory.settings(), config)
     room = await directory.room(message.rid)
-    result = await decide_message(directory, message, settings, config, now=message.ts)
+    inserted_at = None if oplog is None else await insert_time(oplog, message)
+    seen_at = message.ts if inserted_at is None else inserted_at
+    result = await decide_message(directory, message, settings, config, now=seen_at)
     out.write(_headline(message, room))
+    if inserted_at is None:
+        out.write("inserted: not in the oplog any more, taken as the message's timestamp\n")
+    else:
+        out.write(f"inserted: {_utc(inserted_at)} (from the oplog)\n")
     if result.skipped is not None:
         out.write(f"nobody is notified: {_because(result.skipped)}\n")
         return
@@ -110,8 +124,29 @@ def _chosen(
     return chosen
 
 
+async def insert_time(oplog: AsyncCollection[Doc], message: Message) -> float | None:
+    """When the message was inserted, from the oplog; None once it has rolled off.
+
+    The search starts shortly before the message's timestamp, which an insert
+    never precedes by more than a client clock's error: the oplog is read from
+    there, not scanned whole.
+    """
+    start = Timestamp(max(0, int(message.ts) - INSERT_SEARCH_SLACK), 0)
+    query = {"ts": {"$gte": start}, "ns": {"$regex": f"\\.{MESSAGES}$"}, "op": "i"}
+    try:
+        entry = await oplog.find_one({**query, "o._id": message.id}, {"ts": 1}, max_time_ms=10_000)
+    except PyMongoError:
+        return None
+    at = None if entry is None else entry.get("ts")
+    return float(at.time) if isinstance(at, Timestamp) else None
+
+
+def _utc(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def _headline(message: Message, room: Room | None) -> str:
-    at = dt.datetime.fromtimestamp(message.ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    at = _utc(message.ts)
     where = message.rid
     if room is not None:
         label = room.fname or room.name

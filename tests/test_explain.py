@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +164,26 @@ def test_explain_command_prints_and_exits(mongo_uri: str, db_name: str) -> None:
     missing = command("no-such-message")
     assert missing.returncode == 1
     assert "streamer explain: message 'no-such-message' not found" in missing.stderr
+
+
+@pytest.mark.anyio
+async def test_an_imported_message_is_explained_as_the_daemon_decided_it(
+    db: AsyncDatabase[Doc],
+) -> None:
+    """Its timestamp is two hours old but it was inserted now: the daemon, seeing it
+    now, skipped it as too old, and explain (reading the insert from the oplog) agrees."""
+    await seed_general(db)
+    imported = f.message(f.room("GENERAL"), ALICE, "from the old system")
+    imported["ts"] = imported["ts"] - dt.timedelta(hours=2)
+    await db[MESSAGES].insert_one(imported)
+    live = (await db[MESSAGES].find_one({"msg": "ship it @bob"}))["_id"]
+    oplog = db.client["local"]["oplog.rs"]
+    texts = {}
+    for mid in (imported["_id"], live):
+        out = io.StringIO()
+        await explain(DatabaseDirectory(db), mid, Config(), out, now=time.time(), oplog=oplog)
+        texts[mid] = out.getvalue()
+    assert "inserted: " in texts[imported["_id"]] and "(from the oplog)" in texts[imported["_id"]]
+    assert "nobody is notified" in texts[imported["_id"]]
+    assert "[message_too_old]" in texts[imported["_id"]]
+    assert "nobody is notified" not in texts[live]
