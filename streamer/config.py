@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote
 
 import orjson
 
@@ -285,14 +285,45 @@ def _coerce(value: Any, expected: Any, where: str, secret: bool = False) -> Any:
     return value
 
 
+#: URI options whose values are secrets (compared lowercased, as MongoDB does).
+SECRET_URI_OPTIONS = frozenset({"tlscertificatekeyfilepassword", "authmechanismproperties"})
+
+
 def redact_uri(uri: str) -> str:
-    """Hide the password of a MongoDB URI, keeping the user and hosts for diagnosis."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    userinfo, _, hosts = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:{REDACTED}@{hosts}"))
+    """Hide the password and secret options of a MongoDB URI, keeping the user, hosts
+    and other options for diagnosis."""
+    scheme, userinfo, hosts, options = _split_uri(uri)
+    if userinfo is not None and ":" in userinfo:
+        hosts = f"{userinfo.partition(':')[0]}:{REDACTED}@{hosts}"
+    elif userinfo is not None:
+        hosts = f"{userinfo}@{hosts}"
+    shown = [
+        f"{name}={REDACTED}" if name.lower() in SECRET_URI_OPTIONS else f"{name}{sep}{value}"
+        for name, sep, value in options
+    ]
+    return scheme + hosts + ("?" + "&".join(shown) if options else "")
+
+
+def uri_secrets(uri: str) -> list[str]:
+    """The URI's password and secret option values, as written and as sent."""
+    _, userinfo, _, options = _split_uri(uri)
+    found = [userinfo.partition(":")[2]] if userinfo and ":" in userinfo else []
+    found += [value for name, _, value in options if name.lower() in SECRET_URI_OPTIONS]
+    return list(dict.fromkeys(v for secret in found if secret for v in (secret, unquote(secret))))
+
+
+def _split_uri(uri: str) -> tuple[str, str | None, str, list[tuple[str, str, str]]]:
+    """(scheme and '://', userinfo, hosts and path, options) as pymongo splits a URI:
+    the userinfo ends at the last '@' before the first '/', so an unescaped '#' or
+    '?' in a password is still the password's."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        return "", None, uri, []
+    hosts, slash, path = rest.partition("/")
+    userinfo, at, hosts = hosts.rpartition("@")
+    path, _, query = path.partition("?")
+    options = [option.partition("=") for option in query.replace(";", "&").split("&") if option]
+    return scheme + sep, userinfo if at else None, hosts + slash + path, options
 
 
 def redacted(config: Config) -> dict[str, dict[str, Any]]:
@@ -321,9 +352,9 @@ def secret_values(config: Config) -> list[str]:
             value = getattr(values, f.name)
             if f.metadata.get("secret") and value:
                 found.append(str(value))
-            elif f.metadata.get("secret_uri") and (password := urlsplit(value).password):
+            elif f.metadata.get("secret_uri"):
                 # As written in the URI and as sent (a driver error may show either).
-                found.extend(dict.fromkeys([password, unquote(password)]))
+                found.extend(uri_secrets(value))
     return found
 
 

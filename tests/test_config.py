@@ -137,6 +137,29 @@ def test_redaction_hides_passwords_keeps_the_rest() -> None:
     assert "s3cr3t" not in to_toml(shown)
 
 
+@pytest.mark.parametrize(
+    ("uri", "shown", "secrets"),
+    [
+        # pymongo takes everything up to the last '@' before the first '/' as userinfo.
+        ("mongodb://u:pa#ss?x@db/?replicaSet=rs0", "mongodb://u:***@db/?replicaSet=rs0",
+         ["pa#ss?x"]),
+        ("mongodb://u:p%40ss@db/app?tls=true&tlsCertificateKeyFilePassword=k3y",
+         "mongodb://u:***@db/app?tls=true&tlsCertificateKeyFilePassword=***",
+         ["p%40ss", "p@ss", "k3y"]),
+        ("mongodb://db/?authMechanism=MONGODB-AWS&authMechanismProperties=AWS_SESSION_TOKEN:t0k",
+         "mongodb://db/?authMechanism=MONGODB-AWS&authMechanismProperties=***",
+         ["AWS_SESSION_TOKEN:t0k"]),
+        ("mongodb://u@db:27017/", "mongodb://u@db:27017/", []),
+    ],
+)  # fmt: skip
+def test_uri_redaction_reads_the_uri_as_the_driver_does(
+    uri: str, shown: str, secrets: list[str]
+) -> None:
+    config = load_config(None, env={"STREAMER_MONGO__URI": uri})
+    assert redacted(config)["mongo"]["uri"] == shown
+    assert secret_values(config) == secrets
+
+
 def test_printed_config_is_valid_toml_and_round_trips(tmp_path: Path) -> None:
     config = load_config(None, env={"STREAMER_DELIVERY__GATEWAY_URLS": "http://a"})
     path = write(tmp_path, to_toml(redacted(config)))
