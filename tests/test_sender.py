@@ -198,6 +198,20 @@ async def test_invalid_credentials_retry_and_mark_the_sender_unhealthy_until_a_s
 
 
 @pytest.mark.anyio
+async def test_any_answer_of_the_provider_ends_the_credentials_failure(
+    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp
+) -> None:
+    """Fixed credentials, but the next push goes to a dead token: ready again all the same."""
+    [device] = await stored_devices(db, "gcm")
+    stub.script("/push/gcm/send", Reply(401), Reply(401), Reply(406))
+    sender = make_sender()
+    assert isinstance(await sender.send(CONTENT, [device], FIRST), RetryAt)
+    assert not sender.healthy
+    assert await sender.send(CONTENT, [device], FIRST) == Delivered()  # the token is dead
+    assert sender.healthy
+
+
+@pytest.mark.anyio
 async def test_invalid_credentials_are_logged_loudly_once_not_per_push(
     make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp
 ) -> None:

@@ -138,7 +138,7 @@ class PushSender:
 
     @property
     def healthy(self) -> bool:
-        """False from a credentials failure until the next push goes out (for /readyz)."""
+        """False from a credentials failure until a provider answers a push (for /readyz)."""
         return self._healthy
 
     async def send(
@@ -213,6 +213,7 @@ class PushSender:
             return _Failure(repr(exc))
         finally:
             metrics.PUSH_LATENCY.labels(provider).observe(time.perf_counter() - started)
+        self._healthy = True  # the provider answered: the credentials work again
         await self._record(content, device, provider, outcome)
         return None
 
@@ -221,9 +222,7 @@ class PushSender:
     ) -> None:
         """Act on a final answer, then mark the device done in the ledger."""
         metrics.PUSHES.labels(provider, outcome.name.lower()).inc()
-        if outcome is Outcome.SENT:
-            self._healthy = True
-        elif outcome is Outcome.DEAD_TOKEN:
+        if outcome is Outcome.DEAD_TOKEN:
             await self._delete_token(device, provider)
         else:
             log.info("push_rejected", provider=provider, token_id=device.token_id)
