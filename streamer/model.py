@@ -507,6 +507,8 @@ class Settings:
     smtp_protocol: str | None = None
     #: Rocket.Chat's mailer skips STARTTLS unless this is turned off (its default: on).
     smtp_ignore_tls: bool = True
+    #: Rocket.Chat's privacy switch for mail: off, a mail says who wrote where, not what.
+    email_show_message: bool = True
     workspace_access_token: str | None = field(default=None, repr=False)
     workspace_access_token_expires_at: float | None = None
     problems: tuple[str, ...] = field(default=(), compare=False)
@@ -613,6 +615,7 @@ _SETTING_PARSERS: dict[str, tuple[str, Any]] = {
     "SMTP_Host": ("smtp_host", _as_str),
     "SMTP_Port": ("smtp_port", _as_port),
     "SMTP_IgnoreTLS": ("smtp_ignore_tls", _as_bool),
+    "Email_notification_show_message": ("email_show_message", _as_bool),
     "SMTP_Username": ("smtp_username", _as_str),
     "SMTP_Password": ("smtp_password", _as_str),
     "SMTP_Protocol": ("smtp_protocol", _as_str),

@@ -124,6 +124,16 @@ def test_real_names_when_the_server_shows_them() -> None:
     assert built is not None and built.sender_name == "Alice Liddell"
 
 
+def test_the_message_stays_out_of_mail_when_rocket_chat_says_so() -> None:
+    private = Settings.from_values({"Email_notification_show_message": False})
+    built = email_content(message_to(GENERAL, "the launch code"), GENERAL, BOB, private, ALICE)
+    assert built is not None and built.text == ""
+    text, rich = parts(build_email(built, from_address="chat@example.org", now=0.0))
+    assert "launch code" not in text + rich
+    assert "blockquote" not in rich
+    assert built.room_url in text
+
+
 def test_encrypted_message_text_is_never_mailed() -> None:
     assert content("c2VjcmV0", t="e2e").text == "Encrypted message"
 

@@ -128,7 +128,7 @@ def email_content(
         room_name=sender_name if room.type == "d" else (room.fname or room.name or room.id),
         room_type=room.type,
         sender_name=sender_name,
-        text=readable_text(message, settings),
+        text=readable_text(message, settings) if settings.email_show_message else "",
         site_name=settings.site_name,
         site_url=site_url,
         room_url=f"{site_url}/{ROOM_ROUTES[room.type]}/{urllib.parse.quote(slug, safe='')}",
@@ -182,8 +182,9 @@ def _heading(content: EmailContent) -> str:
 
 
 def _text_body(content: EmailContent) -> str:
+    quoted = f"{content.text}\n\n" if content.text else ""
     return (
-        f"{_heading(content)}\n\n{content.text}\n\n"
+        f"{_heading(content)}\n\n{quoted}"
         f"Open the conversation: {content.room_url}\n\n"
         "-- \n"
         f"You receive this mail because of your notification preferences in {content.site_name}.\n"
@@ -193,12 +194,17 @@ def _text_body(content: EmailContent) -> str:
 
 def _html_body(content: EmailContent) -> str:
     text = html.escape(content.text).replace("\n", "<br>\n")
+    quoted = (
+        f'<blockquote style="border-left:3px solid #ccc;margin:0;padding-left:1em">{text}'
+        "</blockquote>\n"
+        if text
+        else ""
+    )
     room_url, preferences_url = html.escape(content.room_url), html.escape(content.preferences_url)
     return (
         "<!DOCTYPE html>\n<html><body>\n"
         f"<p>{html.escape(_heading(content))}</p>\n"
-        f'<blockquote style="border-left:3px solid #ccc;margin:0;padding-left:1em">{text}'
-        "</blockquote>\n"
+        f"{quoted}"
         f'<p><a href="{room_url}">Open the conversation</a></p>\n'
         '<hr><p style="font-size:small;color:#666">'
         "You receive this mail because of your notification preferences in "
