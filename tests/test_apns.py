@@ -225,6 +225,26 @@ async def test_invalid_fresh_provider_token_is_a_credentials_error(
     assert len(apple.pushes()) == 2
 
 
+async def test_a_key_that_stays_invalid_renews_the_provider_token_once_per_20_minutes(
+    tmp_path: Path, apple: Apple, clock: ManualClock
+) -> None:
+    """Apple answers TooManyProviderTokenUpdates to more: then every push would fail for
+    that, hiding the key's real problem."""
+    invalid = reason(403, "InvalidProviderToken")
+    apple.app.script(DEVICE_PATH, *[invalid] * 8)
+    async with apns_pushkin(tmp_path, apple, clock) as (pushkin, _):
+        for _ in range(5):
+            with pytest.raises(CredentialsError, match="InvalidProviderToken"):
+                await pushkin.dispatch(CONTENT, DEVICE)
+            clock.now += 60
+        clock.now += 20 * 60
+        with pytest.raises(CredentialsError):
+            await pushkin.dispatch(CONTENT, DEVICE)
+    tokens = [p.headers["authorization"] for p in apple.pushes()]
+    assert len(tokens) == 8  # two requests for the first push and the late one, one between
+    assert len(set(tokens)) == 3  # the first token, one renewal, one 20 minutes later
+
+
 async def test_push_without_topic_is_rejected_without_a_request(
     tmp_path: Path, apple: Apple, clock: ManualClock
 ) -> None:

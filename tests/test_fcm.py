@@ -15,6 +15,7 @@ import pytest
 
 from streamer.config import ConfigError, DeliveryConfig, FcmConfig
 from streamer.delivery.base import Device
+from streamer.delivery.direct import QUOTA_BACKOFF
 from streamer.delivery.errors import CredentialsError, Outcome, TemporaryDeliveryError
 from streamer.delivery.fcm import FCM_SCOPE, JWT_BEARER_GRANT, FcmPushkin
 from streamer.delivery.http import make_http_client
@@ -217,7 +218,8 @@ async def test_permanent_refusals(
 
 
 @pytest.mark.parametrize(
-    ("status", "header", "retry_after"), [(429, "30", 30.0), (503, None, None)]
+    ("status", "header", "retry_after"),
+    [(429, "30", 30.0), (429, None, QUOTA_BACKOFF), (503, None, None)],
 )
 async def test_throttling_and_server_errors_are_temporary(
     tmp_path: Path,
@@ -233,6 +235,23 @@ async def test_throttling_and_server_errors_are_temporary(
         with pytest.raises(TemporaryDeliveryError) as raised:
             await pushkin.dispatch(CONTENT, DEVICE)
     assert raised.value.retry_after == retry_after
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        fcm_error(404, "NOT_FOUND", "Requested entity was not found."),  # a wrong project id
+        Reply(status=404, body=b"<html><title>404 Not Found</title></html>"),  # an incident
+    ],
+    ids=["not-found", "html"],
+)
+async def test_a_404_that_is_not_about_the_device_keeps_the_token(
+    tmp_path: Path, google: Google, clock: ManualClock, reply: Reply
+) -> None:
+    google.fcm.script(SEND_PATH, reply)
+    async with fcm_pushkin(tmp_path, google, clock) as (pushkin, _):
+        with pytest.raises(TemporaryDeliveryError, match=r"without UNREGISTERED.*project_id"):
+            await pushkin.dispatch(CONTENT, DEVICE)
 
 
 async def test_refused_access_token_is_renewed_once(

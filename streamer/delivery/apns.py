@@ -36,6 +36,8 @@ PROVIDER = "apns"
 PRODUCTION_URL = "https://api.push.apple.com"
 SANDBOX_URL = "https://api.sandbox.push.apple.com"
 PROVIDER_TOKEN_LIFETIME = 50 * 60.0
+#: Apple refuses provider tokens renewed more often (TooManyProviderTokenUpdates).
+PROVIDER_TOKEN_MIN_RENEWAL = 20 * 60.0
 #: How long APNs keeps trying an offline device (Rocket.Chat uses one hour).
 EXPIRATION = 3600
 DEAD_TOKEN_REASONS = frozenset({"BadDeviceToken", "DeviceTokenNotForTopic", "Unregistered"})
@@ -106,7 +108,7 @@ class ApnsPushkin:
         self._owns_client = client is None
         self._client = client or httpx.AsyncClient(http2=True, timeout=timeout)
         self._clock = clock
-        self._tokens = TokenCache(self._mint, clock)
+        self._tokens = TokenCache(self._mint, clock, min_renewal=PROVIDER_TOKEN_MIN_RENEWAL)
 
     async def dispatch(self, content: PushContent, device: Device) -> Outcome:
         topic = self._topic or device.app_name
@@ -119,7 +121,9 @@ class ApnsPushkin:
         token = await self._tokens.get()
         response = await self._post(url, body, headers, token)
         if _reason(response) in STALE_PROVIDER_TOKEN_REASONS:
-            response = await self._post(url, body, headers, await self._tokens.renew(token))
+            renewed = await self._tokens.renew(token)
+            if renewed is not None:
+                response = await self._post(url, body, headers, renewed)
         return self._outcome(response, device)
 
     async def aclose(self) -> None:

@@ -8,6 +8,7 @@ that are cached and renewed before they expire.
 
 from __future__ import annotations
 
+import math
 import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,6 +22,9 @@ from streamer.delivery.errors import TemporaryDeliveryError, retry_after_seconds
 from streamer.delivery.http import transport_failure
 
 Clock = Callable[[], float]
+TOO_MANY_REQUESTS = 429
+#: Seconds to wait after a 429 that gives no Retry-After.
+QUOTA_BACKOFF = 60.0
 
 
 def load_secret_file(path: str, what: str) -> bytes:
@@ -57,13 +61,19 @@ class TokenCache:
 
     The lock makes a burst of pushes that all find the token stale mint it once,
     not once per push (FCM rate-limits token requests; APNs refuses provider
-    tokens renewed more often than every 20 minutes).
+    tokens renewed more often than every 20 minutes). A refused token is renewed
+    at most once per `min_renewal`: credentials that stay wrong then fail as such
+    instead of minting a token for every push.
     """
 
-    def __init__(self, mint: Callable[[], Awaitable[BearerToken]], clock: Clock) -> None:
+    def __init__(
+        self, mint: Callable[[], Awaitable[BearerToken]], clock: Clock, *, min_renewal: float
+    ) -> None:
         self._mint = mint
         self._clock = clock
+        self._min_renewal = min_renewal
         self._token: BearerToken | None = None
+        self._renewed_at = -math.inf
         self._lock = anyio.Lock()
 
     async def get(self) -> str:
@@ -72,11 +82,17 @@ class TokenCache:
                 self._token = await self._mint()
             return self._token.value
 
-    async def renew(self, rejected: str) -> str:
-        """A new token, unless another request already replaced the `rejected` one."""
+    async def renew(self, rejected: str) -> str | None:
+        """A token to try instead of the `rejected` one; None when one was renewed too
+        recently to renew again (the refusal stands)."""
         async with self._lock:
-            if self._token is None or self._token.value == rejected:
-                self._token = await self._mint()
+            if self._token is not None and self._token.value != rejected:
+                return self._token.value  # another request already replaced it
+            now = self._clock()
+            if now - self._renewed_at < self._min_renewal:
+                return None
+            self._renewed_at = now
+            self._token = await self._mint()
             return self._token.value
 
 
@@ -94,10 +110,14 @@ async def send(client: httpx.AsyncClient, provider: str, request: httpx.Request)
 
 
 def temporary_error(provider: str, response: httpx.Response, now: float) -> TemporaryDeliveryError:
-    """A 429/5xx as a retryable error carrying the provider's Retry-After."""
+    """A 429/5xx as a retryable error carrying the provider's Retry-After; a 429 without
+    one waits a minute (Firebase asks for at least that; a second would hammer it)."""
+    retry_after = retry_after_seconds(response.headers.get("retry-after"), now)
+    if retry_after is None and response.status_code == TOO_MANY_REQUESTS:
+        retry_after = QUOTA_BACKOFF
     return TemporaryDeliveryError(
         f"{provider} answered {response.status_code}: {response.text[:200]}",
-        retry_after_seconds(response.headers.get("retry-after"), now),
+        retry_after,
     )
 
 

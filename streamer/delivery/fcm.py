@@ -39,6 +39,9 @@ ASSERTION_LIFETIME = 3600
 #: Renew the access token this long before Google says it expires, so a push
 #: in flight never carries a token that expires on the way.
 TOKEN_RENEW_MARGIN = 300.0
+#: A refused access token is traded for a new one at most this often (seconds).
+ACCESS_TOKEN_MIN_RENEWAL = 60.0
+NOT_FOUND = 404
 
 log = structlog.get_logger(__name__)
 
@@ -130,14 +133,16 @@ class FcmPushkin:
         self._clock = clock
         self._token_url = config.token_url or self._account.token_uri
         self._send_url = f"{config.base_url.rstrip('/')}/v1/projects/{project_id}/messages:send"
-        self._tokens = TokenCache(self._fetch_token, clock)
+        self._tokens = TokenCache(self._fetch_token, clock, min_renewal=ACCESS_TOKEN_MIN_RENEWAL)
 
     async def dispatch(self, content: PushContent, device: Device) -> Outcome:
         body = orjson.dumps(fcm_message(content, device))
         token = await self._tokens.get()
         response = await self._post(body, token)
         if _refused_credentials(response):
-            response = await self._post(body, await self._tokens.renew(token))
+            renewed = await self._tokens.renew(token)
+            if renewed is not None:
+                response = await self._post(body, renewed)
             if _refused_credentials(response):
                 why = f"{response.status_code}: {_error(response).get('message', '')}"
                 raise CredentialsError(
@@ -161,6 +166,13 @@ class FcmPushkin:
         if is_temporary(status):
             raise temporary_error(PROVIDER, response, self._clock())
         error = _error(response)
+        if status == NOT_FOUND and "UNREGISTERED" not in _error_codes(error):
+            # Not the device: a wrong project id, or FCM failing (it has answered HTML
+            # 404s in incidents). Deleting the token would lose a working phone.
+            raise TemporaryDeliveryError(
+                f"{PROVIDER}: {self._send_url} answered 404 without UNREGISTERED "
+                f"({error.get('message') or response.text[:200]}); check [fcm] project_id"
+            )
         outcome = Outcome.DEAD_TOKEN if _token_is_dead(status, error) else Outcome.REJECTED
         log.warning(
             "fcm_push_refused",
@@ -231,9 +243,9 @@ def _refused_credentials(response: httpx.Response) -> bool:
 
 
 def _token_is_dead(status: int, error: dict[str, Any]) -> bool:
-    """UNREGISTERED/404, or INVALID_ARGUMENT that FCM pins on `message.token`."""
+    """UNREGISTERED, or INVALID_ARGUMENT that FCM pins on `message.token`."""
     codes = _error_codes(error)
-    if status == 404 or "UNREGISTERED" in codes:
+    if "UNREGISTERED" in codes:
         return True
     if "INVALID_ARGUMENT" not in codes:
         return False
