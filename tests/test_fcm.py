@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from streamer.config import ConfigError, DeliveryConfig, FcmConfig
 from streamer.delivery.base import Device
 from streamer.delivery.direct import QUOTA_BACKOFF
 from streamer.delivery.errors import CredentialsError, Outcome, TemporaryDeliveryError
-from streamer.delivery.fcm import FCM_SCOPE, JWT_BEARER_GRANT, FcmPushkin
+from streamer.delivery.fcm import FCM_SCOPE, JWT_BEARER_GRANT, FcmPushkin, fcm_message
 from streamer.delivery.http import make_http_client
 from streamer.devmongo import free_port
 from tests import factories
@@ -138,6 +139,12 @@ async def test_sends_the_message_with_a_signed_oauth_token(
             "android": {"priority": "high", "notification": {"tag": "m-42", "sound": "default"}},
         }
     }
+
+
+def test_the_servers_icon_goes_with_the_data_when_known() -> None:
+    iconic = dataclasses.replace(CONTENT, image="https://chat.example.org/images/logo.png")
+    assert fcm_message(iconic, DEVICE)["message"]["data"]["image"] == iconic.image
+    assert "image" not in fcm_message(CONTENT, DEVICE)["message"]["data"]
 
 
 async def test_access_token_is_fetched_once_and_reused(

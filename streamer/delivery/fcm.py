@@ -100,6 +100,8 @@ def fcm_message(content: PushContent, device: Device) -> dict[str, Any]:
         "soundname": "default",
         "style": "inbox",
     }
+    if content.image:
+        data["image"] = content.image  # the server's icon, as Rocket.Chat sends it
     return {
         "message": {
             "token": device.token,
