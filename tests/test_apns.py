@@ -245,6 +245,16 @@ async def test_a_key_that_stays_invalid_renews_the_provider_token_once_per_20_mi
     assert len(set(tokens)) == 3  # the first token, one renewal, one 20 minutes later
 
 
+async def test_a_topic_the_key_may_not_push_to_is_a_credentials_error(
+    tmp_path: Path, apple: Apple, clock: ManualClock
+) -> None:
+    """Every push would fail alike: loud and kept for retries, not dropped one by one."""
+    apple.app.script(DEVICE_PATH, reason(400, "TopicDisallowed"))
+    async with apns_pushkin(tmp_path, apple, clock) as (pushkin, _):
+        with pytest.raises(CredentialsError, match="may not push to topic"):
+            await pushkin.dispatch(CONTENT, DEVICE)
+
+
 async def test_push_without_topic_is_rejected_without_a_request(
     tmp_path: Path, apple: Apple, clock: ManualClock
 ) -> None:

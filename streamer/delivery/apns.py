@@ -38,6 +38,7 @@ SANDBOX_URL = "https://api.sandbox.push.apple.com"
 PROVIDER_TOKEN_LIFETIME = 50 * 60.0
 #: Apple refuses provider tokens renewed more often (TooManyProviderTokenUpdates).
 PROVIDER_TOKEN_MIN_RENEWAL = 20 * 60.0
+TOPIC_DISALLOWED = "TopicDisallowed"
 #: How long APNs keeps trying an offline device (Rocket.Chat uses one hour).
 EXPIRATION = 3600
 DEAD_TOKEN_REASONS = frozenset({"BadDeviceToken", "DeviceTokenNotForTopic", "Unregistered"})
@@ -147,6 +148,11 @@ class ApnsPushkin:
             raise CredentialsError(
                 f"{PROVIDER}: {self.base_url} refused the provider token ({reason}); check key_id "
                 f"{self._key_id}, team_id {self._team_id} and that the .p8 key is not revoked"
+            )
+        if reason == TOPIC_DISALLOWED:  # the key may not push to this app: none will go out
+            raise CredentialsError(
+                f"{PROVIDER}: the key {self._key_id} may not push to topic "
+                f"{self._topic or device.app_name!r}; check [apns] topic and the key's team"
             )
         dead = status == 410 or (status == 400 and reason in DEAD_TOKEN_REASONS)
         outcome = Outcome.DEAD_TOKEN if dead else Outcome.REJECTED
