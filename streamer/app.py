@@ -48,6 +48,7 @@ from streamer.directory import DatabaseDirectory
 from streamer.health import Health, serve_http
 from streamer.ingest import Ingest
 from streamer.model import Settings, TokenKind
+from streamer.mongo import mongo_client
 from streamer.queue import Queue
 from streamer.sources.cache import CachedDirectory
 from streamer.sources.streams import Sources
@@ -272,9 +273,7 @@ async def _connected(config: Config) -> AsyncIterator[AsyncMongoClient[Doc]]:
     wrong credentials or CA will not fix themselves, and a supervisor (systemd, compose)
     restarts us when the database comes up later. After start-up the streams reconnect."""
     uri = redact_uri(config.mongo.uri)
-    client: AsyncMongoClient[Doc] = AsyncMongoClient(
-        config.mongo.uri, serverSelectionTimeoutMS=STARTUP_TIMEOUT_MS
-    )
+    client = mongo_client(config.mongo.uri, server_selection_ms=STARTUP_TIMEOUT_MS)
     try:
         await client.admin.command("ping")
     except PyMongoError as exc:

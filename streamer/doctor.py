@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import anyio
 import httpx
 from bson import Timestamp
-from pymongo import DESCENDING, AsyncMongoClient
+from pymongo import DESCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
@@ -35,6 +35,7 @@ from streamer.model import (
     WORKSPACE_CREDENTIALS,
     Settings,
 )
+from streamer.mongo import mongo_client
 
 Doc = dict[str, Any]
 
@@ -497,12 +498,7 @@ def main(config: Config, out: TextIO) -> int:
 
 
 async def _run(config: Config) -> list[Check]:
-    # A doctor should answer quickly, unless the URI asks for a different patience.
-    uri_sets_timeout = "serverselectiontimeoutms" in config.mongo.uri.lower()
-    timeouts: dict[str, Any] = (
-        {} if uri_sets_timeout else {"serverSelectionTimeoutMS": MONGO_TIMEOUT_MS}
-    )
-    mongo: AsyncMongoClient[Doc] = AsyncMongoClient(config.mongo.uri, **timeouts)
+    mongo = mongo_client(config.mongo.uri, server_selection_ms=MONGO_TIMEOUT_MS)
     try:
         async with httpx.AsyncClient(timeout=config.delivery.timeout) as http:
             return await run_checks(config, mongo[config.mongo.database], http)

@@ -16,7 +16,6 @@ from typing import Any, TextIO
 
 import anyio
 from bson import Timestamp
-from pymongo import AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
@@ -24,6 +23,7 @@ from streamer.config import Config, override_settings
 from streamer.decisions import decide_message
 from streamer.directory import DatabaseDirectory, Directory, one_message
 from streamer.model import MESSAGES, Message, Room, Settings, User
+from streamer.mongo import mongo_client
 from streamer.queue.policy import due_at
 from streamer.rules import Decision, Reason
 from streamer.sources.cache import load_away_since
@@ -45,7 +45,7 @@ def main(config: Config, message_id: str, user: str | None, out: TextIO, err: Te
     try:
         anyio.run(_explain_live, config, message_id, user, out)
     except ExplainError as exc:
-        err.write(f"streamer explain: {exc}\n")
+        err.write(f"streamer explain: {exc} (database {config.mongo.database!r})\n")
         return 1
     except PyMongoError as exc:
         err.write(f"streamer explain: cannot read MongoDB ({config.mongo.database}): {exc}\n")
@@ -54,9 +54,7 @@ def main(config: Config, message_id: str, user: str | None, out: TextIO, err: Te
 
 
 async def _explain_live(config: Config, message_id: str, user: str | None, out: TextIO) -> None:
-    uri_sets_timeout = "serverselectiontimeoutms" in config.mongo.uri.lower()
-    options: Doc = {} if uri_sets_timeout else {"serverSelectionTimeoutMS": MONGO_TIMEOUT_MS}
-    client: AsyncMongoClient[Doc] = AsyncMongoClient(config.mongo.uri, **options)
+    client = mongo_client(config.mongo.uri, server_selection_ms=MONGO_TIMEOUT_MS)
     try:
         db = client[config.mongo.database]
         away = await load_away_since(db[config.mongo.state_collection])

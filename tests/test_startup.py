@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import orjson
+import pytest
 
+from streamer.mongo import mongo_client
 from tests.credentials import write_apns_key
 
 
@@ -68,3 +70,18 @@ def test_direct_mode_without_any_provider_key_refuses_to_start(
 
     assert result.returncode == 2, result.stdout + result.stderr
     assert "[fcm] service_account_file or [apns] key_file" in result.stdout
+
+
+@pytest.mark.anyio
+async def test_the_uris_own_server_selection_timeout_wins() -> None:
+    """Every command gives up on MongoDB after its own default, unless the URI says."""
+    told = mongo_client(
+        "mongodb://db.example/?serverSelectionTimeoutMS=2000", server_selection_ms=9000
+    )
+    default = mongo_client("mongodb://db.example/", server_selection_ms=9000)
+    try:
+        assert told.options.server_selection_timeout == 2.0
+        assert default.options.server_selection_timeout == 9.0
+    finally:
+        await told.close()
+        await default.close()
