@@ -213,7 +213,8 @@ class Daemon:
         while True:
             await self._check_mongo()
             _set(self.health, "streams", sources.ready, "change streams are not all open")
-            _set(self.health, "delivery", self.sender.healthy, "provider credentials rejected")
+            problem = self.sender.problem or "provider credentials rejected"
+            _set(self.health, "delivery", self.sender.healthy, problem)
             await anyio.sleep(HEALTH_INTERVAL)
 
     async def _check_mongo(self) -> None:

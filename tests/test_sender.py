@@ -191,6 +191,7 @@ async def test_invalid_credentials_retry_and_mark_the_sender_unhealthy_until_a_s
     assert isinstance(result, RetryAt)
     assert "streamer doctor" in result.error
     assert not sender.healthy
+    assert sender.problem is not None and "401" in sender.problem  # what /readyz reports
     clock.now = result.at
     assert await sender.send(CONTENT, [device], result.attempts) != Delivered()
     assert await sender.send(CONTENT, [device], result.attempts) == Delivered()

@@ -134,12 +134,19 @@ class PushSender:
         self._ledger = ledger
         self._clock = clock
         self.retries = RetryPolicy(config, clock)
-        self._healthy = True
+        #: Why pushes fail for credentials, from the first such failure until a provider
+        #: answers again; None while they do not.
+        self._credentials_problem: str | None = None
 
     @property
     def healthy(self) -> bool:
         """False from a credentials failure until a provider answers a push (for /readyz)."""
-        return self._healthy
+        return self._credentials_problem is None
+
+    @property
+    def problem(self) -> str | None:
+        """The credentials failure that makes the sender unhealthy, in the provider's words."""
+        return self._credentials_problem
 
     async def send(
         self, content: PushContent, devices: Sequence[Device], attempts: Attempts
@@ -213,7 +220,7 @@ class PushSender:
             return _Failure(repr(exc))
         finally:
             metrics.PUSH_LATENCY.labels(provider).observe(time.perf_counter() - started)
-        self._healthy = True  # the provider answered: the credentials work again
+        self._credentials_problem = None  # the provider answered: the credentials work
         await self._record(content, device, provider, outcome)
         return None
 
@@ -244,9 +251,9 @@ class PushSender:
     def _credentials_failed(self, provider: str, exc: CredentialsError) -> None:
         """One loud line when pushes start failing for credentials, not one per push."""
         metrics.PUSHES.labels(provider, "credentials_error").inc()
-        if self._healthy:
+        if self._credentials_problem is None:
             log.error("push_credentials_invalid", provider=provider, error=str(exc))
-        self._healthy = False
+        self._credentials_problem = f"{provider}: {exc}"
 
     def _provider(self, device: Device) -> str:
         """The metric label: "gateway" or, in direct mode, "apns"/"fcm"."""
