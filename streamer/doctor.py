@@ -31,6 +31,7 @@ from streamer.directory import DatabaseDirectory
 from streamer.model import (
     MESSAGES,
     PUSH_TOKENS,
+    SETTINGS,
     STATISTICS,
     WORKSPACE_CREDENTIALS,
     Settings,
@@ -87,10 +88,14 @@ def _pass(name: str, detail: str) -> Check:
 async def run_checks(
     config: Config, db: AsyncDatabase[Doc], client: httpx.AsyncClient, now: float | None = None
 ) -> list[Check]:
-    """Every check of SPEC §8 for this deployment; MongoDB first, as the rest need it."""
+    """Every check of SPEC §8 for this deployment; MongoDB first, as the rest need it,
+    then that the database is Rocket.Chat's, or the rest would judge built-in defaults."""
     mongo = await check_mongo(db)
     if mongo.status is Status.FAIL:
         return [mongo]
+    rocketchat = await check_rocketchat_database(db)
+    if rocketchat.status is Status.FAIL:
+        return [mongo, rocketchat]
     settings = override_settings(await DatabaseDirectory(db).settings(), config)
     ctx = Context(
         config=config,
@@ -100,7 +105,7 @@ async def run_checks(
         workspace_token=await stored_workspace_token(db),
         now=time.time() if now is None else now,
     )
-    checks = [mongo]
+    checks = [mongo, rocketchat]
     for check in _CHECKS[config.delivery.mode]:
         checks.append(await check(ctx))
     return checks
@@ -129,6 +134,20 @@ async def check_mongo(db: AsyncDatabase[Doc]) -> Check:
             "user needs read access to the Rocket.Chat database and the changeStream action.",
         )
     return _pass(name, f"replica set {hello['setName']!r}; a change stream on {MESSAGES} opens")
+
+
+async def check_rocketchat_database(db: AsyncDatabase[Doc]) -> Check:
+    name = "Rocket.Chat database"
+    if await db[SETTINGS].find_one({}, {"_id": 1}) is None:
+        return Check(
+            name,
+            Status.FAIL,
+            f"database {db.name!r} holds no Rocket.Chat settings ({SETTINGS} is empty): "
+            "it is not the database Rocket.Chat uses",
+            "Set [mongo] database (or STREAMER_MONGO__DATABASE) to Rocket.Chat's database, "
+            "the one named in Rocket.Chat's MONGO_URL.",
+        )
+    return _pass(name, f"database {db.name!r} holds Rocket.Chat's settings")
 
 
 async def check_rocketchat_version(ctx: Context) -> Check:

@@ -5,7 +5,11 @@ Labels are bounded: reason codes, status classes and stream names, never ids.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics
+
+# No `*_created` series beside every counter and histogram: they double what is
+# scraped and say only when the process started, which process metrics already say.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 MESSAGES_SEEN = Counter("streamer_messages_seen", "Message inserts read from the change stream")
 DECISIONS = Counter(

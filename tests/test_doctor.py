@@ -114,12 +114,22 @@ async def test_a_healthy_gateway_deployment_passes_every_check(
     await seed_healthy(db)
     checks = await run_checks(config, db, http)
     assert [c for c in checks if c.status is not Status.PASS] == []
-    assert len(checks) == 11
+    assert len(checks) == 12
     probe = gateway[0].received(GATEWAY_PATH)
     assert len(probe) == 1
     assert probe[0].headers["authorization"] == f"Bearer {WORKSPACE_TOKEN}"
     assert probe[0].json()["token"] == doctor.PROBE_DEVICE_TOKEN
     assert "6.10.2" in by_name(checks)["Rocket.Chat version"].detail
+
+
+async def test_a_database_without_rocket_chat_settings_stops_the_checks(
+    db: AsyncDatabase[Doc], config: Config, http: httpx.AsyncClient
+) -> None:
+    """The wrong [mongo] database: every other check would judge built-in defaults."""
+    checks = await run_checks(config, db, http)
+    assert [c.status for c in checks] == [Status.PASS, Status.FAIL]
+    assert "holds no Rocket.Chat settings" in checks[1].detail
+    assert "[mongo] database" in checks[1].fix
 
 
 async def test_the_report_never_shows_the_workspace_token(

@@ -56,6 +56,7 @@ async def test_metrics_exposes_every_streamer_metric(endpoint: Endpoint) -> None
     for name in names:
         assert f"# HELP {name}" in response.text, name
     assert "streamer_messages_seen_total" in response.text
+    assert "_created" not in response.text  # only what the README's table lists
 
 
 async def test_livez_answers_while_the_process_is_up(endpoint: Endpoint) -> None:
