@@ -395,6 +395,8 @@ class User:
     email: str | None = None
     push_preference: PushPreference | None = None
     email_preference: PushPreference | None = None
+    #: The account's "mobile ringing" preference for calls; None when not set.
+    mobile_ringing: bool | None = None
     roles: tuple[str, ...] = ()
     updated_at: float | None = None
 
@@ -413,9 +415,14 @@ class User:
             email=_first_verified_email(r.doc.get("emails")),
             push_preference=_preference(preferences.get("pushNotifications")),
             email_preference=_preference(preferences.get("emailNotificationMode")),
+            mobile_ringing=_flag_or_unset(preferences.get("enableMobileRinging")),
             roles=r.strings("roles"),
             updated_at=r.time("_updatedAt"),
         )
+
+
+def _flag_or_unset(value: object) -> bool | None:
+    return value if isinstance(value, bool) else None
 
 
 def _presence(r: _Reader) -> Presence:
@@ -509,6 +516,10 @@ class Settings:
     smtp_ignore_tls: bool = True
     #: Rocket.Chat's privacy switch for mail: off, a mail says who wrote where, not what.
     email_show_message: bool = True
+    #: A call in a 1:1 direct message rings the callee's phone (Rocket.Chat sends that
+    #: push itself); then the call's message pushes nothing. Off unless turned on.
+    videoconf_mobile_ringing: bool = False
+    default_mobile_ringing: bool = False
     workspace_access_token: str | None = field(default=None, repr=False)
     workspace_access_token_expires_at: float | None = None
     problems: tuple[str, ...] = field(default=(), compare=False)
@@ -616,6 +627,11 @@ _SETTING_PARSERS: dict[str, tuple[str, Any]] = {
     "SMTP_Port": ("smtp_port", _as_port),
     "SMTP_IgnoreTLS": ("smtp_ignore_tls", _as_bool),
     "Email_notification_show_message": ("email_show_message", _as_bool),
+    "VideoConf_Mobile_Ringing": ("videoconf_mobile_ringing", _as_bool),
+    "Accounts_Default_User_Preferences_enableMobileRinging": (
+        "default_mobile_ringing",
+        _as_bool,
+    ),
     "SMTP_Username": ("smtp_username", _as_str),
     "SMTP_Password": ("smtp_password", _as_str),
     "SMTP_Protocol": ("smtp_protocol", _as_str),

@@ -399,6 +399,30 @@ def test_thread_replies_notify_participants_and_mentioned(
     check(scene, push, email)
 
 
+CALL = {"type": "videoconf"}
+PAIR = {**DM, "users_count": 2}
+RINGING = {"videoconf_mobile_ringing": True, "default_mobile_ringing": True}
+
+
+@table(
+    ("call-rings-instead", Scene(room=PAIR, message=CALL, settings=RINGING),
+     R.CALL_RINGS, R.DIRECT_MESSAGE),
+    ("ringing-off-for-the-server", Scene(room=PAIR, message=CALL),
+     R.DIRECT_MESSAGE, R.DIRECT_MESSAGE),
+    ("ringing-off-for-the-user", Scene(room=PAIR, message=CALL, settings=RINGING,
+     user={"mobile_ringing": False}), R.DIRECT_MESSAGE, R.DIRECT_MESSAGE),
+    ("ringing-on-for-the-user", Scene(room=PAIR, message=CALL, user={"mobile_ringing": True},
+     settings={"videoconf_mobile_ringing": True}), R.CALL_RINGS, R.DIRECT_MESSAGE),
+    ("group-dm-call-pushes", Scene(room={**DM, "users_count": 3}, message=CALL,
+     settings=RINGING), R.DIRECT_MESSAGE, R.DIRECT_MESSAGE),
+    ("plain-dm-message", Scene(room=PAIR, settings=RINGING), R.DIRECT_MESSAGE, R.DIRECT_MESSAGE),
+)  # fmt: skip
+def test_a_call_in_a_dm_rings_instead_of_pushing(scene: Scene, push: Reason, email: Reason) -> None:
+    """Rocket.Chat pushes the ring itself (VideoConf_Mobile_Ringing); a push of the call's
+    message as well would notify the callee twice."""
+    check(scene, push, email)
+
+
 NO_EMAIL = Config(email=EmailConfig(enabled=False))
 
 

@@ -69,6 +69,10 @@ class MessagePlan:
     default_email: PushPreference
     #: Roles holding view-d-room; None when the permission is not configured.
     dm_roles: frozenset[str] | None
+    #: A call in a 1:1 DM with ringing on: whether each callee's phone rings depends
+    #: on their preference, else `default_ringing`.
+    call_rings: bool = False
+    default_ringing: bool = False
 
 
 def plan_message(
@@ -114,6 +118,13 @@ def plan_message(
         default_push=settings.default_push_preference,
         default_email=settings.default_email_preference,
         dm_roles=dm_roles,
+        call_rings=(
+            message.type == "videoconf"
+            and is_dm
+            and room.users_count == 2
+            and settings.videoconf_mobile_ringing
+        ),
+        default_ringing=settings.default_mobile_ringing,
     )
 
 
@@ -174,6 +185,8 @@ def _push_reason(
     preference = _effective(sub.mobile_push, user.push_preference, plan.default_push)
     if preference == "nothing":
         return Reason.PREFERENCE_NOTHING
+    if plan.call_rings and _rings(user.mobile_ringing, plan.default_ringing):
+        return Reason.CALL_RINGS
     chosen = "default" if sub.mobile_push_inherited else sub.mobile_push
     reason = _relevance(plan, chosen, preference, mentioned, highlighted, participant)
     if not reason.notifies:
@@ -205,6 +218,10 @@ def _email_reason(
     if reason.notifies and user.status_connection == "online":
         return Reason.USER_ONLINE_ON_DESKTOP
     return reason
+
+
+def _rings(preference: bool | None, default: bool) -> bool:
+    return default if preference is None else preference
 
 
 def _effective(

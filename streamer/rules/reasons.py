@@ -50,6 +50,10 @@ class Reason(enum.Enum):
     # Push only.
     PUSH_DISABLED = "push is off for the server (Push_enable or Troubleshoot_Disable_Notifications)"
     USER_BUSY = "the user's status is Busy"
+    CALL_RINGS = (
+        "it is a call in a direct message and the user's phone rings for it instead "
+        "(VideoConf_Mobile_Ringing)"
+    )
     NO_DEVICE = "the user has no enabled push token (not logged in on a mobile app)"
 
     # Email only.
