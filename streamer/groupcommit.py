@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import pymongo
 from pymongo import DeleteOne, InsertOne, UpdateOne
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import BulkWriteError, OperationFailure
@@ -19,6 +20,8 @@ from pymongo.errors import BulkWriteError, OperationFailure
 Doc = dict[str, Any]
 WriteOp = InsertOne[Doc] | UpdateOne | DeleteOne
 DUPLICATE_KEY = 11000
+#: Seconds a group write may take before every caller in it gets the error.
+WRITE_DEADLINE = 10.0
 
 
 @dataclass
@@ -61,7 +64,12 @@ class GroupCommit:
         codes: dict[int, int] = {}
         failure: BaseException | None = None
         try:
-            await self._collection.bulk_write(ops, ordered=False)
+            # Shielded: the caller writing is one of many; its cancellation (shutdown,
+            # a sibling's failure) must neither fail the others' writes, which mongod
+            # may have applied, nor land inside pymongo (PYTHON-5167). pymongo's own
+            # deadline bounds it instead.
+            with anyio.CancelScope(shield=True), pymongo.timeout(WRITE_DEADLINE):
+                await self._collection.bulk_write(ops, ordered=False)
         except BulkWriteError as exc:
             codes = {int(e["index"]): int(e["code"]) for e in exc.details.get("writeErrors", [])}
             if exc.details.get("writeConcernErrors"):

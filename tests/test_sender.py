@@ -9,7 +9,9 @@ import anyio
 import httpx
 import pytest
 from prometheus_client import REGISTRY
+from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import OperationFailure, PyMongoError
 from structlog.testing import capture_logs
 
 from streamer.config import DeliveryConfig
@@ -17,7 +19,7 @@ from streamer.delivery.base import Device
 from streamer.delivery.errors import Outcome
 from streamer.delivery.gateway import GatewayPushkin, WorkspaceToken
 from streamer.delivery.http import InFlightCap, make_http_client
-from streamer.delivery.ledger import SentLedger
+from streamer.delivery.ledger import SENT_LEDGER, SentLedger
 from streamer.delivery.sender import (
     Attempts,
     Delivered,
@@ -31,6 +33,7 @@ from streamer.model import PUSH_TOKENS, PushToken
 from tests import factories
 from tests.servers import Reply, StubApp
 from tests.test_gateway import CONTENT, NOW, Clock, store_workspace_token
+from tests.test_ledger import BAD_VALUE
 
 Doc = dict[str, object]
 CONFIG = DeliveryConfig(
@@ -110,6 +113,30 @@ async def test_a_dead_token_is_deleted_from_rocket_chat(
     remaining = [doc["_id"] async for doc in db[PUSH_TOKENS].find({})]
     assert remaining == [alive.token_id]
     assert metric("streamer_tokens_deleted_total") == deleted_before + 1
+
+
+@pytest.mark.anyio
+async def test_one_devices_mongodb_error_lets_the_other_devices_push_finish(
+    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp, mongo: AsyncMongoClient[Doc]
+) -> None:
+    """The phone's token is dead and its delete fails; the tablet's push, in flight,
+    must still finish and be recorded, not be cancelled with its claim left "sending"
+    (an unknown outcome, never sent again by default)."""
+    dead, alive = await stored_devices(db, "gcm", "apn")
+    stub.script("/push/gcm/send", Reply(406))
+    stub.script("/push/apn/send", Reply(delay=0.2))  # in flight when the delete fails
+    fail_once = {"failCommands": ["delete"], "errorCode": BAD_VALUE}
+    try:
+        await mongo.admin.command(
+            "configureFailPoint", "failCommand", mode={"times": 1}, data=fail_once
+        )
+    except OperationFailure:
+        pytest.skip("this server does not allow test commands (enableTestCommands)")
+    with pytest.raises(PyMongoError):
+        await make_sender().send(CONTENT, [dead, alive], FIRST)
+    record = await db[SENT_LEDGER].find_one({"_id.token": alive.token})
+    assert record is not None and record["state"] == "sent"
+    assert len(stub.received("/push/apn/send")) == 1
 
 
 @pytest.mark.anyio

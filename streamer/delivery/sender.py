@@ -8,6 +8,7 @@ the retry), and a push that keeps failing past `give_up_after` is a `GivenUp`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -177,13 +178,25 @@ class PushSender:
     async def _push_all(
         self, content: PushContent, devices: Sequence[Device], failures: list[_Failure]
     ) -> None:
-        """Every device at once; a MongoDB error (the ledger) is raised as itself."""
-        try:
-            async with anyio.create_task_group() as tasks:
-                for device in devices:
-                    tasks.start_soon(self._push_one, content, device, failures)
-        except* PyMongoError as group:
-            raise group.exceptions[0] from None
+        """Every device at once; then a MongoDB error (the ledger) is raised as itself.
+
+        One device's MongoDB error must not cancel the others: a push cancelled
+        mid-way leaves its claim "sending", an outcome nobody knows, which the
+        default `unknown_outcome` never sends again.
+        """
+        errors: list[PyMongoError] = []
+
+        async def push(device: Device) -> None:
+            try:
+                await self._push_one(content, device, failures)
+            except PyMongoError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tasks:
+            for device in devices:
+                tasks.start_soon(push, device)
+        if errors:
+            raise errors[0]
 
     async def _push_one(
         self, content: PushContent, device: Device, failures: list[_Failure]
@@ -205,9 +218,16 @@ class PushSender:
             await self._record(content, device, provider, Outcome.REJECTED)
             return None
         started = time.perf_counter()
+        requested = False
         try:
             async with self._cap.slot():
+                requested = True
                 outcome = await pushkin.dispatch(content, device)
+        except anyio.get_cancelled_exc_class():
+            if not requested:  # surely not sent: free the claim, so no one skips it
+                with anyio.CancelScope(shield=True), contextlib.suppress(PyMongoError):
+                    await self._ledger.release(content.uid, content.mid, device)
+            raise
         except TemporaryDeliveryError as exc:
             metrics.PUSHES.labels(provider, "temporary_error").inc()
             return _Failure(str(exc), exc.retry_after)
