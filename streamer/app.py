@@ -22,6 +22,7 @@ import functools
 import os
 import signal
 import socket
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import ExitStack, asynccontextmanager, suppress
 from typing import Any
@@ -60,6 +61,12 @@ HEALTH_INTERVAL = 1.0
 #: Seconds to free the entries queued leased to this instance at shutdown.
 RELEASE_TIMEOUT = 5.0
 STARTUP_TIMEOUT_MS = 10_000
+#: Seconds past `[app] shutdown_grace` a drain may take before the process exits all
+#: the same: a MongoDB gone mid-shutdown can leave pymongo waiting for ever
+#: (PYTHON-5167), and a supervisor's stop timeout should not be what ends it.
+SHUTDOWN_SLACK = 10.0
+#: Seconds a second signal leaves the cancellation before the process just exits.
+FORCED_EXIT_AFTER = 2.0
 
 
 class StartupError(Exception):
@@ -83,6 +90,22 @@ def main(config: Config, dev_mongo: bool = False) -> int:
             return anyio.run(run, config)
         except (StartupError, ConfigError, BaseExceptionGroup) as exc:
             return _startup_failed(exc)
+
+
+def _exit_unless_stopped_within(seconds: float, event: str) -> None:
+    """Exit the process (code 1) if it is still running `seconds` from now.
+
+    A thread, not a task: the tasks may be the ones stuck, in shielded clean-up
+    waiting on a pymongo lock that will never be released.
+    """
+
+    def exit_now() -> None:
+        log.error(event, after_seconds=seconds, consequence="exiting without the clean-up")
+        os._exit(EXIT_FAILURE)
+
+    timer = threading.Timer(seconds, exit_now)
+    timer.daemon = True  # a clean stop before then ends the process, timer and all
+    timer.start()
 
 
 def _startup_failed(exc: BaseException) -> int:
@@ -204,9 +227,12 @@ class Daemon:
                 if shutdown.is_set():
                     log.warning("shutdown_forced", signal=name)
                     self.forced = True
+                    _exit_unless_stopped_within(FORCED_EXIT_AFTER, "shutdown_forced_exit")
                     everything.cancel()
                     return
                 log.info("shutdown_requested", signal=name)
+                grace = self.config.app.shutdown_grace
+                _exit_unless_stopped_within(grace + SHUTDOWN_SLACK, "shutdown_stuck")
                 shutdown.set()
 
     async def _watch_health(self, sources: Sources) -> None:

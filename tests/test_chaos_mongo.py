@@ -14,6 +14,7 @@ reconnect, and deliver every (device, message) of the burst.
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from pymongo import MongoClient
 from pymongo.errors import AutoReconnect
 
 from streamer import devmongo
+from streamer.app import SHUTDOWN_SLACK
 from tests.daemon import Daemon, wait_until
 from tests.servers import Reply, StubApp, serve_http
 from tests.world import GCM, Doc, World, pushes_by_key, settled, write_config
@@ -173,3 +175,31 @@ def step_down(member: devmongo.DevMongo) -> None:
     uri = f"mongodb://127.0.0.1:{member.port}/?directConnection=true"
     with MongoClient(uri) as client, contextlib.suppress(AutoReconnect):
         client.admin.command("replSetStepDown", 30)
+
+
+@pytest.mark.parametrize("signals", [1, 2], ids=["sigterm", "sigterm-twice"])
+def test_a_stop_while_mongod_is_down_ends_the_process(
+    tmp_path: Path, gateway: tuple[StubApp, str], signals: int
+) -> None:
+    """Clean-up waiting on a MongoDB that is gone must not keep the process for ever:
+    one signal ends it within the grace period and the slack after it, a second at once.
+    (pymongo can be left waiting on a lock for good, PYTHON-5167.)"""
+    stub, _ = gateway
+    with devmongo.running() as server:
+        burst = Burst(server.uri, tmp_path, gateway)
+        try:
+            burst.say(MESSAGES // 2)
+            stub.wait_for(100, GCM, timeout=60)
+            server.stop()
+            wait_until(lambda: mongo_down(burst.readyz), 30, lambda: "/readyz: mongo not ready")
+            assert burst.daemon.process is not None
+            for _ in range(signals):  # one at a time: pending signals coalesce
+                burst.daemon.process.send_signal(signal.SIGTERM)
+                burst.daemon.wait_for_log("shutdown_requested", timeout=30)
+            # A bound to wait for, not a measured speed: the grace is 5 s in this config.
+            exit_code = burst.daemon.process.wait(timeout=5.0 + SHUTDOWN_SLACK + 15)
+            assert exit_code in (0, 1)
+            stopped_by = "shutdown_forced" if signals == 2 else "shutdown_stuck"
+            assert burst.daemon.logs(stopped_by) or exit_code == 0
+        finally:
+            burst.close()
