@@ -9,6 +9,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
 from structlog.testing import capture_logs
 
+from streamer.delivery import ledger as ledger_module
 from streamer.delivery.base import Device
 from streamer.delivery.errors import Outcome
 from streamer.delivery.ledger import SENT_LEDGER, SentLedger
@@ -139,3 +140,22 @@ async def test_an_answer_whose_mark_failed_is_written_by_the_next_claim_not_push
     assert await ledger.claim("u1", "m1", [PHONE], NOW) == []
     record = await db[SENT_LEDGER].find_one({"_id.token": PHONE.token})
     assert record is not None and (record["state"], record["outcome"]) == ("sent", "sent")
+
+
+@pytest.mark.anyio
+async def test_answers_kept_in_memory_while_mongodb_refuses_them_are_bounded(
+    db: AsyncDatabase[Doc], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry dropped before its retry would keep its unwritten mark for ever."""
+    monkeypatch.setattr(ledger_module, "REMEMBERED_LIMIT", 2)
+    ledger = SentLedger(db)
+    devices = [Device(token_id=f"t{i}", kind="gcm", token=f"gcm-{i}") for i in range(3)]
+    await ledger.claim("u1", "m1", devices, NOW)
+    await db.command("collMod", SENT_LEDGER, validator={"state": "sending"})
+    for device in devices:
+        with pytest.raises(OperationFailure):
+            await ledger.finish("u1", "m1", device, Outcome.SENT, NOW)
+    await db.command("collMod", SENT_LEDGER, validator={})
+    # The two newest answers are still written by the next claim; the oldest is forgotten.
+    assert await ledger.claim("u1", "m1", devices[1:], NOW) == []
+    assert await db[SENT_LEDGER].count_documents({"state": "sent"}) == 2

@@ -70,6 +70,8 @@ SENDING = "sending"
 SENT = "sent"
 INDEX_OPTIONS_CONFLICT = 85
 PRIMARY_ACKNOWLEDGED = WriteConcern(w=1)
+#: Marks and releases kept in memory while MongoDB could not take them, at most.
+REMEMBERED_LIMIT = 100_000
 UNKNOWN_ACTIONS = {
     False: "skipped: at most one push per device ([delivery] unknown_outcome = skip)",
     True: "sent again: at least once per device ([delivery] unknown_outcome = resend)",
@@ -100,7 +102,7 @@ class SentLedger:
         #: Keys claimed by attempts of this process that have not ended yet.
         self._live: set[tuple[str, str, str]] = set()
         #: Keys whose release could not be written: left "sending", surely not sent.
-        self._unreleased: set[tuple[str, str, str]] = set()
+        self._unreleased: dict[tuple[str, str, str], None] = {}
         #: Final answers whose mark could not be written (MongoDB away), by key.
         self._unwritten: dict[tuple[str, str, str], Outcome] = {}
 
@@ -157,6 +159,7 @@ class SentLedger:
         """
         self.end(uid, mid, [device])
         self._unwritten[(uid, mid, device.token)] = outcome
+        _bound(self._unwritten)
         await self._writes.run([_finish_op(uid, mid, device, outcome, now)])
         self._unwritten.pop((uid, mid, device.token), None)
 
@@ -181,9 +184,10 @@ class SentLedger:
         """A temporary failure: the push did not go out, so a retry may claim it."""
         self.end(uid, mid, [device])
         key = (uid, mid, device.token)
-        self._unreleased.add(key)
+        self._unreleased[key] = None
+        _bound(self._unreleased)
         await self._writes.run([DeleteOne({"_id": _key(uid, mid, device), "state": SENDING})])
-        self._unreleased.discard(key)
+        self._unreleased.pop(key, None)
 
     async def _retaken(self, uid: str, mid: str, keys: list[Doc]) -> set[str]:
         """The tokens of claims an attempt that is over left "sending" that this attempt
@@ -194,7 +198,7 @@ class SentLedger:
         async for doc in self._records.find({"_id": {"$in": keys}, "state": SENDING}):
             token = doc["_id"]["token"]
             if (uid, mid, token) in self._unreleased:
-                self._unreleased.discard((uid, mid, token))
+                del self._unreleased[(uid, mid, token)]
                 tokens.add(token)
                 continue
             if self._resend_unknown:
@@ -207,6 +211,13 @@ class SentLedger:
                 action=UNKNOWN_ACTIONS[self._resend_unknown],
             )
         return tokens
+
+
+def _bound(remembered: dict[Any, Any]) -> None:
+    """Forget the oldest once there are too many: an entry dropped before its retry
+    (read meanwhile, given up) would otherwise stay for the life of the process."""
+    while len(remembered) > REMEMBERED_LIMIT:
+        del remembered[next(iter(remembered))]
 
 
 def _claim_record(uid: str, mid: str, device: Device, now: float) -> Doc:
