@@ -25,6 +25,7 @@ from pymongo.errors import PyMongoError
 
 from streamer.config import Config, ConfigError, override_settings
 from streamer.delivery.apns import load_signing_key
+from streamer.delivery.errors import is_temporary
 from streamer.delivery.fcm import load_service_account
 from streamer.delivery.gateway import StoredToken, no_gateway_answers, stored_workspace_token
 from streamer.directory import DatabaseDirectory
@@ -413,7 +414,7 @@ async def _probe_gateway(ctx: Context, url: str) -> tuple[bool, str]:
         return False, f"{url} rejected the workspace token ({status})"
     if no_gateway_answers(status):
         return False, f"{url} answered {status}: no Push Gateway at that address"
-    if status == 429 or status >= 500:
+    if is_temporary(status):
         return False, f"{url} answered {status}; it is failing or rate-limiting"
     return True, f"{url} accepted the workspace token (answered {status} to a probe)"
 

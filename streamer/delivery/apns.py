@@ -25,12 +25,11 @@ from streamer.delivery.direct import (
     BearerToken,
     Clock,
     TokenCache,
-    is_temporary,
     load_secret_file,
     send,
     temporary_error,
 )
-from streamer.delivery.errors import CredentialsError, Outcome
+from streamer.delivery.errors import CredentialsError, Outcome, is_temporary
 
 PROVIDER = "apns"
 PRODUCTION_URL = "https://api.push.apple.com"

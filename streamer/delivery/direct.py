@@ -18,11 +18,14 @@ import anyio
 import httpx
 
 from streamer.config import ConfigError
-from streamer.delivery.errors import TemporaryDeliveryError, retry_after_seconds
+from streamer.delivery.errors import (
+    TOO_MANY_REQUESTS,
+    TemporaryDeliveryError,
+    retry_after_seconds,
+)
 from streamer.delivery.http import transport_failure
 
 Clock = Callable[[], float]
-TOO_MANY_REQUESTS = 429
 #: Seconds to wait after a 429 that gives no Retry-After.
 QUOTA_BACKOFF = 60.0
 
@@ -119,7 +122,3 @@ def temporary_error(provider: str, response: httpx.Response, now: float) -> Temp
         f"{provider} answered {response.status_code}: {response.text[:200]}",
         retry_after,
     )
-
-
-def is_temporary(status: int) -> bool:
-    return status == 429 or status >= 500

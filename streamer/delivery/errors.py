@@ -18,6 +18,15 @@ class Outcome(enum.Enum):
     REJECTED = "rejected"
 
 
+#: 429 Too Many Requests: temporary, and the one answer that asks for a slower pace.
+TOO_MANY_REQUESTS = 429
+
+
+def is_temporary(status: int) -> bool:
+    """A provider's HTTP answer that means "try again later": 429 or any 5xx."""
+    return status == TOO_MANY_REQUESTS or status >= 500
+
+
 class DeliveryError(Exception):
     """Base of delivery failures; carries what the operator needs to know."""
 

@@ -23,12 +23,16 @@ from streamer.delivery.direct import (
     BearerToken,
     Clock,
     TokenCache,
-    is_temporary,
     load_secret_file,
     send,
     temporary_error,
 )
-from streamer.delivery.errors import CredentialsError, Outcome, TemporaryDeliveryError
+from streamer.delivery.errors import (
+    CredentialsError,
+    Outcome,
+    TemporaryDeliveryError,
+    is_temporary,
+)
 
 PROVIDER = "fcm"
 FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"

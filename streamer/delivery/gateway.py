@@ -23,6 +23,7 @@ from streamer.delivery.errors import (
     CredentialsError,
     Outcome,
     TemporaryDeliveryError,
+    is_temporary,
     retry_after_seconds,
 )
 from streamer.delivery.http import never_sent, transport_failure
@@ -199,7 +200,7 @@ class GatewayPushkin:
             return Outcome.SENT
         if status == 406:
             return Outcome.DEAD_TOKEN
-        if status == 429 or status >= 500:
+        if is_temporary(status):
             retry_after = retry_after_seconds(response.headers.get("retry-after"), self._clock())
             raise TemporaryDeliveryError(
                 f"{response.request.url} answered {status}: {_excerpt(response)}", retry_after
