@@ -106,19 +106,14 @@ class ResumeTokens:
         """The earliest by cluster time of these streams' saved tokens (not tracked:
         for carrying tokens over from streams that no longer run)."""
         keys = [self.key(stream) for stream in streams]
-        tokens = [
-            doc["token"]
-            async for doc in self._state.find({"_id": {"$in": keys}})
-            if isinstance(doc.get("token"), Mapping)
-        ]
-        return min(tokens, key=_event_order, default=None)
+        saved = await self._saved({"_id": {"$in": keys}})
+        return min((doc["token"] for doc in saved), key=_event_order, default=None)
 
     async def newest_elsewhere(self, stream: str) -> Mapping[str, Any] | None:
         """The latest token any other instance saved for this stream (not tracked)."""
-        others = {"stream": stream, "_id": {"$regex": "^resume:", "$ne": self.key(stream)}}
-        docs = [
-            doc async for doc in self._state.find(others) if isinstance(doc.get("token"), Mapping)
-        ]
+        docs = await self._saved(
+            {"stream": stream, "_id": {"$regex": "^resume:", "$ne": self.key(stream)}}
+        )
         if not docs:
             return None
         newest = max(docs, key=lambda doc: _event_order(doc["token"]))
@@ -131,6 +126,12 @@ class ResumeTokens:
         )
         token: Mapping[str, Any] = newest["token"]
         return token
+
+    async def _saved(self, query: Doc) -> list[Doc]:
+        """The saved positions matching `query` that hold a token."""
+        return [
+            doc async for doc in self._state.find(query) if isinstance(doc.get("token"), Mapping)
+        ]
 
     async def drop(self, *streams: str) -> None:
         await self._state.delete_many({"_id": {"$in": [self.key(s) for s in streams]}})
