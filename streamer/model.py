@@ -626,15 +626,15 @@ _SETTING_PARSERS: dict[str, tuple[str, Any]] = {
     "SMTP_Host": ("smtp_host", _as_str),
     "SMTP_Port": ("smtp_port", _as_port),
     "SMTP_IgnoreTLS": ("smtp_ignore_tls", _as_bool),
+    "SMTP_Username": ("smtp_username", _as_str),
+    "SMTP_Password": ("smtp_password", _as_str),
+    "SMTP_Protocol": ("smtp_protocol", _as_str),
     "Email_notification_show_message": ("email_show_message", _as_bool),
     "VideoConf_Mobile_Ringing": ("videoconf_mobile_ringing", _as_bool),
     "Accounts_Default_User_Preferences_enableMobileRinging": (
         "default_mobile_ringing",
         _as_bool,
     ),
-    "SMTP_Username": ("smtp_username", _as_str),
-    "SMTP_Password": ("smtp_password", _as_str),
-    "SMTP_Protocol": ("smtp_protocol", _as_str),
     "Cloud_Workspace_Access_Token": ("workspace_access_token", _as_str),
     "Cloud_Workspace_Access_Token_Expires_At": ("workspace_access_token_expires_at", _as_time),
 }

@@ -17,10 +17,10 @@ unknown_outcome` says:
 - "skip" (the default, SPEC §7's "at most one push per device"): does not
   send it. No duplicate, but claims are written before the request, so every
   request still being written, queued in the transport or unread by the
-  provider when the process died is lost: ~35 per crash at 256 in flight in
-  tests/test_chaos_crash.py.
+  provider when the process died is lost: 25-58 per crash at 256 in flight in
+  tests/test_chaos_crash.py (docs/reliability.md has the runs).
 - "resend": sends it again. Nothing is lost; the pushes the provider had taken
-  but whose answer was not yet recorded arrive twice: ~20 per crash in that
+  but whose answer was not yet recorded arrive twice: 81-99 per crash in that
   test, at most `[delivery] concurrency`.
 
 A claim whose release could not be written (MongoDB down) is known not to

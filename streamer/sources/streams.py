@@ -20,11 +20,15 @@ Failures, in order of how they are met:
 - connection lost, not primary, step-down: reconnect with exponential backoff and
   jitter (tenacity), from the saved token; every attempt is logged and counted.
   A stream that had delivered before failing starts a fresh backoff.
-- saved token no longer resumable (history lost, invalid token): if the stream
-  opens from "now", the gap (token time → now) is logged as an error, counted in
-  `streamer_change_stream_history_lost`, and the stream goes on from now.
-  If it does not open from "now" either, the token was not the problem and the
-  error is raised, with the token kept.
+- saved position no longer resumable (history lost, invalid token): if the
+  stream opens from "now", the gap (token time → now) is logged as an error,
+  counted in `streamer_change_stream_history_lost`, and the stream goes on from
+  now; that restart point is saved until a batch is handled, and the caches the
+  stream keeps current are reloaded. If it does not open from "now" either, the
+  position was not the problem and the error is raised, with the position kept.
+- a non-resumable error after the stream had delivered (its place gone from the
+  oplog on a getMore): logged (`change_stream_failed`) and reopened from the
+  saved position, where the case above applies.
 - a malformed document: logged with its `_id` and skipped (`changes.py`).
 
 Earlier versions ran one stream per collection; the tokens of those `changes`
