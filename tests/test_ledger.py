@@ -13,13 +13,12 @@ from streamer.delivery import ledger as ledger_module
 from streamer.delivery.base import Device
 from streamer.delivery.errors import Outcome
 from streamer.delivery.ledger import SENT_LEDGER, SentLedger
-from tests.test_queue import failing_commands
+from tests.failpoints import BAD_VALUE, failing_commands
 
 Doc = dict[str, object]
 NOW = 1_700_000_000.0
 PHONE = Device(token_id="t1", kind="gcm", token="gcm-1")
 TABLET = Device(token_id="t2", kind="gcm", token="gcm-2")
-BAD_VALUE = 2
 
 
 async def ttl_of(db: AsyncDatabase[Doc]) -> object:

@@ -19,10 +19,10 @@ from prometheus_client import REGISTRY
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import OperationFailure
 
 from streamer.config import QueueConfig
 from streamer.queue import EXPIRED, Entry, Queue, entry_id
+from tests.failpoints import failing_commands
 
 pytestmark = pytest.mark.anyio
 
@@ -445,19 +445,6 @@ async def test_an_entry_another_instance_delivered_leaves_the_schedule_at_its_le
             await follower.next_due()
         assert len(follower) == 0
         tg.cancel_scope.cancel()
-
-
-@asynccontextmanager
-async def failing_commands(mongo: AsyncMongoClient[Doc], **data: Any) -> AsyncIterator[None]:
-    """MongoDB's own `failCommand` fail point: the real server stalls or fails commands."""
-    try:
-        await mongo.admin.command("configureFailPoint", "failCommand", mode="alwaysOn", data=data)
-    except OperationFailure:
-        pytest.skip("this server does not allow test commands (enableTestCommands)")
-    try:
-        yield
-    finally:
-        await mongo.admin.command("configureFailPoint", "failCommand", mode="off")
 
 
 async def test_an_interrupted_lease_leaves_the_entries_free_to_take(

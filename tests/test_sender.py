@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import REGISTRY
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import OperationFailure, PyMongoError
+from pymongo.errors import PyMongoError
 from structlog.testing import capture_logs
 
 from streamer.config import DeliveryConfig
@@ -31,9 +31,9 @@ from streamer.delivery.sender import (
 )
 from streamer.model import PUSH_TOKENS, PushToken
 from tests import factories
+from tests.failpoints import BAD_VALUE, fail_commands
 from tests.servers import Reply, StubApp
 from tests.test_gateway import CONTENT, NOW, Clock, store_workspace_token
-from tests.test_ledger import BAD_VALUE
 
 Doc = dict[str, object]
 CONFIG = DeliveryConfig(
@@ -125,13 +125,7 @@ async def test_one_devices_mongodb_error_lets_the_other_devices_push_finish(
     dead, alive = await stored_devices(db, "gcm", "apn")
     stub.script("/push/gcm/send", Reply(406))
     stub.script("/push/apn/send", Reply(delay=0.2))  # in flight when the delete fails
-    fail_once = {"failCommands": ["delete"], "errorCode": BAD_VALUE}
-    try:
-        await mongo.admin.command(
-            "configureFailPoint", "failCommand", mode={"times": 1}, data=fail_once
-        )
-    except OperationFailure:
-        pytest.skip("this server does not allow test commands (enableTestCommands)")
+    await fail_commands(mongo, mode={"times": 1}, failCommands=["delete"], errorCode=BAD_VALUE)
     with pytest.raises(PyMongoError):
         await make_sender().send(CONTENT, [dead, alive], FIRST)
     record = await db[SENT_LEDGER].find_one({"_id.token": alive.token})

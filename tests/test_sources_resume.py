@@ -18,7 +18,6 @@ from pymongo.errors import (
     AutoReconnect,
     ConnectionFailure,
     NotPrimaryError,
-    OperationFailure,
     PyMongoError,
 )
 from structlog.testing import capture_logs
@@ -28,6 +27,7 @@ from streamer.config import AppConfig
 from streamer.model import MESSAGES, SETTINGS, SUBSCRIPTIONS
 from streamer.sources.events import MessageInserted
 from tests import factories as f
+from tests.failpoints import fail_commands
 from tests.test_sources import (
     ALICE,
     CONFIG,
@@ -238,13 +238,9 @@ async def test_a_stream_failing_for_good_mid_way_is_reopened_not_fatal(
     recorder = Recorder()
     with capture_logs() as logs:
         async with running(db, recorder):
-            try:
-                await mongo.admin.command(
-                    "configureFailPoint", "failCommand", mode={"times": 1},
-                    data={"failCommands": ["getMore"], "errorCode": CHANGE_STREAM_FATAL},
-                )  # fmt: skip
-            except OperationFailure:
-                pytest.skip("this server does not allow test commands (enableTestCommands)")
+            await fail_commands(
+                mongo, mode={"times": 1}, failCommands=["getMore"], errorCode=CHANGE_STREAM_FATAL
+            )
             await wait_until(lambda: any(line["event"] == "change_stream_failed" for line in logs))
             message = f.message(GENERAL, ALICE)
             await db[MESSAGES].insert_one(message)
