@@ -9,6 +9,7 @@ import anyio
 import pytest
 from pymongo import AsyncMongoClient, monitoring
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
 
 from streamer.directory import DatabaseDirectory
 from streamer.model import (
@@ -26,6 +27,7 @@ from streamer.sources.cache import SMALL_ROOM, CachedDirectory, CacheLimits
 from streamer.sources.events import PresenceChanged
 from streamer.sources.lru import Freshness, Lru
 from tests import factories as f
+from tests.failpoints import BAD_VALUE, failing_commands
 
 pytestmark = pytest.mark.anyio
 Doc = dict[str, Any]
@@ -261,6 +263,24 @@ async def test_away_since_is_persisted_and_forgotten_on_return(db: AsyncDatabase
     third = await loaded(db)
     alice = (await third.users([ALICE["_id"]]))[ALICE["_id"]]
     assert third.away_since(ALICE["_id"]) == alice.updated_at
+
+
+async def test_presence_a_failed_write_left_out_is_written_on_replay(
+    db: AsyncDatabase[Doc], mongo: AsyncMongoClient[Doc]
+) -> None:
+    """The stream replays a batch whose handler failed: the replay must write what the
+    failed attempt did not, not find the change already known in memory."""
+    await seed(db)
+    cached = await loaded(db)
+    away = [PresenceChanged(ALICE["_id"], "away", "online", at=1000.0)]
+    back = [PresenceChanged(ALICE["_id"], "online", "away", at=2000.0)]
+    for batch, command in ((away, "update"), (back, "delete")):
+        async with failing_commands(mongo, failCommands=[command], errorCode=BAD_VALUE):
+            with pytest.raises(PyMongoError):
+                await cached.record_presence(batch)
+        await cached.record_presence(batch)
+        assert (await loaded(db)).away_since(ALICE["_id"]) == cached.away_since(ALICE["_id"])
+    assert cached.away_since(ALICE["_id"]) != 1000.0
 
 
 async def test_away_since_falls_back_to_updated_at(db: AsyncDatabase[Doc]) -> None:

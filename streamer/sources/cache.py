@@ -362,7 +362,12 @@ class CachedDirectory:
         self._away.pop(uid, None)
 
     async def record_presence(self, changes: Sequence[PresenceChanged]) -> None:
-        """Remember (and persist) when users turned away; forget it when they come back."""
+        """Remember (and persist) when users turned away; forget it when they come back.
+
+        A failed write leaves memory as it was: the stream replays the batch, and the
+        replay must find the changes new again to write them.
+        """
+        before = {change.uid: self._away.get(change.uid) for change in changes}
         writes: list[UpdateOne | DeleteOne] = []
         for change in changes:
             key = f"{AWAY_PREFIX}{change.uid}"
@@ -374,8 +379,15 @@ class CachedDirectory:
                     )
             elif self._away.pop(change.uid, None) is not None:
                 writes.append(DeleteOne({"_id": key}))
-        if writes:
+        if not writes:
+            return
+        try:
             await self._state.bulk_write(writes, ordered=True)
+        except BaseException:
+            self._away.update({uid: since for uid, since in before.items() if since is not None})
+            for uid in [uid for uid, since in before.items() if since is None]:
+                self._away.pop(uid, None)
+            raise
 
     def token_changed(self, token_id: str, uid: str | None) -> None:
         """Drop the cached devices of the token's old and new owner; the next lookup queries.
