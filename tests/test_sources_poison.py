@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import anyio
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 from structlog.testing import capture_logs
@@ -43,3 +44,35 @@ async def test_the_change_that_breaks_its_handler_is_skipped_and_its_batch_still
     assert recorder.messages == [doc["_id"] for doc in [*before, *after, later]]
     skipped = [line for line in logs if line["event"] == "change_skipped"]
     assert [line["doc_id"] for line in skipped] == [poison["_id"]]
+
+
+class CancelledIntoRuntimeError(Recorder):
+    """Cancelled while pymongo waits on its topology lock, a call can raise
+    RuntimeError("Lock is not acquired.") instead of the cancellation (PYTHON-5167)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = anyio.Event()
+
+    async def on_messages(self, events: Sequence[MessageInserted]) -> None:
+        self.entered.set()
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            raise RuntimeError("Lock is not acquired.") from None
+
+
+async def test_a_handler_failing_because_of_shutdown_keeps_its_batch_for_the_next_start(
+    db: AsyncDatabase[Doc],
+) -> None:
+    stopped = CancelledIntoRuntimeError()
+    message = f.message(GENERAL, ALICE, "in flight at shutdown")
+    with capture_logs() as logs:
+        async with running(db, stopped):
+            await db[MESSAGES].insert_one(message)
+            with anyio.fail_after(15):
+                await stopped.entered.wait()
+    assert [line for line in logs if line["event"] == "change_skipped"] == []
+    recorder = Recorder()
+    async with running(db, recorder):
+        await wait_until(lambda: recorder.messages == [message["_id"]])

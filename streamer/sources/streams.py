@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pymongo
 import structlog
 from bson import Timestamp
@@ -332,13 +333,17 @@ class Sources:
         would replay the same batch and crash again, for ever. The batch is handed
         on again change by change (every handler is idempotent), so only the one
         change that fails is lost, with an error line naming it. Database errors
-        are not bugs: they go up, to reconnect.
+        are not bugs: they go up, to reconnect. Nor is shutdown: pymongo cancelled
+        while it waits on its topology lock can raise RuntimeError instead of the
+        cancellation (PYTHON-5167), so a cancelled task re-raises its cancellation
+        and the batch stays unsaved.
         """
         try:
             await stream.handle(batch)
         except PyMongoError:
             raise
         except Exception:
+            await anyio.lowlevel.checkpoint()
             if len(batch) > 1:
                 for change in batch:
                     await self._handle(stream, [change])
