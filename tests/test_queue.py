@@ -485,6 +485,40 @@ async def test_an_interrupted_lease_leaves_the_entries_free_to_take(
     assert sorted(e.mid for e in taken) == sorted(e.mid for e in queued)
 
 
+async def test_an_insert_landing_after_its_add_was_cancelled_is_freed_at_a_clean_stop(
+    make_queue: QueueFactory,
+    clock: Clock,
+    mongo: AsyncMongoClient[Doc],
+    mongo_uri: str,
+    collection: AsyncCollection[Doc],
+) -> None:
+    """Shutdown cancels the add while its insert is on the wire: the entries land
+    leased to this instance all the same, and the clean stop must free them."""
+    stalled: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_uri, appName="stalled")
+    queue = Queue(
+        stalled[collection.database.name][collection.name],
+        QueueConfig(),
+        instance_id="a",
+        clock=clock,
+    )
+    await queue.load()
+    queued = [entry(clock), entry(clock, uid="u2")]
+    stall = {"failCommands": ["insert"], "blockConnection": True, "blockTimeMS": 500}
+    async with failing_commands(mongo, appName="stalled", **stall):
+        with anyio.move_on_after(0.2):
+            await queue.add(queued)
+        with anyio.fail_after(30):
+            while await collection.count_documents({"owner": "a"}) < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.01)  # the insert landing, seen from outside
+    await queue.release_owned()
+    await stalled.close()
+    other = await make_queue(instance_id="other")
+    assert other.next_due_at() == clock.now  # not after the lease "a" was inserted with
+    with anyio.fail_after(30):
+        taken = await other.next_due(limit=10)
+    assert sorted(e.mid for e in taken) == sorted(e.mid for e in queued)
+
+
 async def test_a_batch_lease_takes_what_is_free_and_places_the_rest_at_lease_expiry(
     make_queue: QueueFactory, clock: Clock
 ) -> None:

@@ -126,7 +126,13 @@ class Queue:
         now = self._clock()
         until = now + self._config.lease_seconds
         due_now = {entry.id for entry in entries if entry.due_at <= now}
-        new = await self._store.insert(entries, leased=due_now, until=until)
+        try:
+            new = await self._store.insert(entries, leased=due_now, until=until)
+        except anyio.get_cancelled_exc_class():
+            # Shutdown: the insert may still land, leased to us; the clean stop frees
+            # them (release_owned) rather than leave them to wait out the lease.
+            self._owned.update((e.id, (e, until)) for e in entries if e.id in due_now)
+            raise
         unknown = []
         for entry in entries:
             if entry.id in self._held:
