@@ -464,6 +464,11 @@ def test_email_rules(scene: Scene, push: Reason, email: Reason) -> None:
         ("the new release notes", "release notes", True),
         ("anything", "  ", False),
         ("", "release", False),
+        # Case folded the way Rocket.Chat's `iu` regex folds: one letter for one letter.
+        ("Die Straße ist zu", "strasse", False),
+        ("DIE STRAẞE IST ZU", "straße", True),
+        ("ПРИВЕТ всем", "привет", True),
+        ("the ﬁle is here", "file", False),
     ],
 )
 def test_highlights_are_case_insensitive_whole_words(

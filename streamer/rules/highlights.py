@@ -1,8 +1,9 @@
 """Highlight words: case-insensitive whole words, emoji codes ignored (Rocket.Chat ≥ 7.1).
 
 "light" does not match "highlighted", and "thumbsup" does not match `:thumbsup:`.
-The message text is normalised once per message; each distinct highlight
-compiles once per process.
+Case is ignored letter for letter, as Rocket.Chat's `iu` regex does: "straße"
+matches "STRAẞE" but not "strasse" (full case folding would). The message text
+is normalised once per message; each distinct highlight compiles once per process.
 """
 
 from __future__ import annotations
@@ -15,16 +16,16 @@ _EMOJI_CODE = re.compile(r":[\w+-]+:")
 
 
 def highlight_text(text: str) -> str:
-    """The message text as highlights are matched against: emoji codes out, case folded."""
-    return _EMOJI_CODE.sub(" ", text).casefold()
+    """The message text as highlights are matched against: emoji codes out."""
+    return _EMOJI_CODE.sub(" ", text)
 
 
 @lru_cache(maxsize=4096)
 def _pattern(word: str) -> re.Pattern[str] | None:
-    word = word.strip().casefold()
+    word = word.strip()
     if not word:
         return None
-    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)")
+    return re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
 
 
 def is_highlighted(text: str, highlights: Iterable[str]) -> bool:
