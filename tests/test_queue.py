@@ -447,25 +447,48 @@ async def test_an_entry_another_instance_delivered_leaves_the_schedule_at_its_le
         tg.cancel_scope.cancel()
 
 
-async def test_an_interrupted_lease_leaves_the_entries_free_to_take(
-    make_queue: QueueFactory,
-    clock: Clock,
-    mongo: AsyncMongoClient[Doc],
-    mongo_uri: str,
-    collection: AsyncCollection[Doc],
-) -> None:
-    """Cancelled between the lease write and its read-back (shutdown at the worst
-    moment): the leases are given back, so another instance need not wait them out."""
-    stalled: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_uri, appName="stalled")
+@pytest.fixture
+async def stalled_queue(
+    mongo_uri: str, collection: AsyncCollection[Doc], clock: Clock
+) -> AsyncIterator[Queue]:
+    """Instance "a" over a client of its own, for `failing_commands(appName="stalled")`."""
+    client: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_uri, appName="stalled")
     queue = Queue(
-        stalled[collection.database.name][collection.name],
+        client[collection.database.name][collection.name],
         QueueConfig(),
         instance_id="a",
         clock=clock,
     )
     await queue.load()
+    yield queue
+    await client.close()
+
+
+async def wait_leased(collection: AsyncCollection[Doc], owner: str, count: int) -> None:
+    """Until `count` entries are leased to `owner`, seen from outside the queue."""
+    with anyio.fail_after(30):
+        while await collection.count_documents({"owner": owner}) < count:  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+
+
+async def assert_free_to_take(queue: Queue, entries: list[Entry], now: float) -> None:
+    assert queue.next_due_at() == now  # not after a lease left behind
+    with anyio.fail_after(30):
+        taken = await queue.next_due(limit=10)
+    assert sorted(e.mid for e in taken) == sorted(e.mid for e in entries)
+
+
+async def test_an_interrupted_lease_leaves_the_entries_free_to_take(
+    stalled_queue: Queue,
+    make_queue: QueueFactory,
+    clock: Clock,
+    mongo: AsyncMongoClient[Doc],
+    collection: AsyncCollection[Doc],
+) -> None:
+    """Cancelled between the lease write and its read-back (shutdown at the worst
+    moment): the leases are given back, so another instance need not wait them out."""
     queued = [entry(clock, due_in=1), entry(clock, uid="u2", due_in=1)]
-    await queue.add(queued)  # due later: not queued leased, so taking them needs a lease
+    await stalled_queue.add(queued)  # due later: not queued leased, so taking needs a lease
     clock.now += 1
     # Long enough to see the lease written; turning the fail point off waits it out.
     stall = {"failCommands": ["find"], "blockConnection": True, "blockTimeMS": 3_000}
@@ -473,50 +496,29 @@ async def test_an_interrupted_lease_leaves_the_entries_free_to_take(
         failing_commands(mongo, appName="stalled", **stall),
         anyio.create_task_group() as tg,
     ):
-        tg.start_soon(functools.partial(queue.next_due, limit=10))
-        with anyio.fail_after(30):
-            while await collection.count_documents({"owner": "a"}) < 2:  # noqa: ASYNC110
-                await anyio.sleep(0.01)  # the lease write, seen from outside
+        tg.start_soon(functools.partial(stalled_queue.next_due, limit=10))
+        await wait_leased(collection, "a", 2)  # the lease write
         tg.cancel_scope.cancel()
-    await stalled.close()
-    other = await make_queue(instance_id="other")
-    assert other.next_due_at() == queued[0].due_at
-    taken = await other.next_due(limit=10)
-    assert sorted(e.mid for e in taken) == sorted(e.mid for e in queued)
+    await assert_free_to_take(await make_queue(instance_id="other"), queued, clock.now)
 
 
 async def test_an_insert_landing_after_its_add_was_cancelled_is_freed_at_a_clean_stop(
+    stalled_queue: Queue,
     make_queue: QueueFactory,
     clock: Clock,
     mongo: AsyncMongoClient[Doc],
-    mongo_uri: str,
     collection: AsyncCollection[Doc],
 ) -> None:
     """Shutdown cancels the add while its insert is on the wire: the entries land
     leased to this instance all the same, and the clean stop must free them."""
-    stalled: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_uri, appName="stalled")
-    queue = Queue(
-        stalled[collection.database.name][collection.name],
-        QueueConfig(),
-        instance_id="a",
-        clock=clock,
-    )
-    await queue.load()
     queued = [entry(clock), entry(clock, uid="u2")]
     stall = {"failCommands": ["insert"], "blockConnection": True, "blockTimeMS": 500}
     async with failing_commands(mongo, appName="stalled", **stall):
         with anyio.move_on_after(0.2):
-            await queue.add(queued)
-        with anyio.fail_after(30):
-            while await collection.count_documents({"owner": "a"}) < 2:  # noqa: ASYNC110
-                await anyio.sleep(0.01)  # the insert landing, seen from outside
-    await queue.release_owned()
-    await stalled.close()
-    other = await make_queue(instance_id="other")
-    assert other.next_due_at() == clock.now  # not after the lease "a" was inserted with
-    with anyio.fail_after(30):
-        taken = await other.next_due(limit=10)
-    assert sorted(e.mid for e in taken) == sorted(e.mid for e in queued)
+            await stalled_queue.add(queued)
+        await wait_leased(collection, "a", 2)  # the insert landing
+    await stalled_queue.release_owned()
+    await assert_free_to_take(await make_queue(instance_id="other"), queued, clock.now)
 
 
 async def test_a_batch_lease_takes_what_is_free_and_places_the_rest_at_lease_expiry(
