@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from streamer.delivery.base import Device
+from streamer.delivery.apns import apns_payload
+from streamer.delivery.base import Device, PushContent
+from streamer.delivery.fcm import fcm_message
 from streamer.delivery.payload import (
     ENCRYPTED_TEXT,
     GENERIC_TEXT,
+    PROVIDER_PAYLOAD_LIMIT,
     TEXT_LIMIT,
     TITLE_LIMIT,
     build_push_content,
@@ -208,3 +213,45 @@ def test_gateway_body_is_exactly_rocket_chats(kind: str) -> None:
     if kind == "apn":
         expected_options["topic"] = "chat.rocket.ios"
     assert gateway_body(content, device) == {"token": "dev-token", "options": expected_options}
+
+
+def provider_bodies(content: PushContent) -> list[bytes]:
+    """What APNs and FCM would receive: each refuses more than 4096 bytes."""
+    device = Device(token_id="t", kind="gcm", token="x" * 160, app_name="chat.rocket.ios")
+    return [orjson.dumps(apns_payload(content)), orjson.dumps(fcm_message(content, device))]
+
+
+def test_a_long_encrypted_message_goes_as_id_only_for_the_app_to_fetch() -> None:
+    """Its ciphertext would make the push too large for APNs and FCM, who would refuse
+    it: the push carries the message id instead, and the app fetches the message."""
+    ciphertext = "A" * 6000
+    e2e = message(ciphertext, type="e2e", e2e_content={"algorithm": "x", "ciphertext": ciphertext})
+    content = build_push_content(e2e, DM, BOB, SETTINGS, badge=0, now=NOW)
+    assert content.id_only
+    assert content.payload == {
+        "host": "https://chat.example.org/",
+        "messageId": "m1",
+        "notificationType": "message-id-only",
+    }
+    assert all(len(body) <= PROVIDER_PAYLOAD_LIMIT for body in provider_bodies(content))
+    short = build_push_content(message("c1ph3r", type="e2e"), DM, BOB, SETTINGS, badge=0, now=NOW)
+    assert not short.id_only
+
+
+#: Short random texts, or one character (a quote, a control character, an emoji...)
+#: repeated up to thousands of times: what makes a push large.
+long_text = st.one_of(
+    st.text(max_size=50),
+    st.builds(operator.mul, st.characters(codec="utf-8"), st.integers(0, 3000)),
+)
+
+
+@given(text=long_text, name=long_text, room_name=long_text, encrypted=st.booleans())
+def test_no_push_is_too_large_for_apns_or_fcm(
+    text: str, name: str, room_name: str, encrypted: bool
+) -> None:
+    sender = UserRef(id="u-alice", username=name[:100], name=name)
+    room = dataclasses.replace(GENERAL, name=room_name, fname=room_name)
+    msg = dataclasses.replace(message(text, type="e2e" if encrypted else None), sender=sender)
+    content = build_push_content(msg, room, BOB, SETTINGS, badge=99999, now=NOW)
+    assert all(len(body) <= PROVIDER_PAYLOAD_LIMIT for body in provider_bodies(content))

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import emoji
+import orjson
 
 from streamer.delivery.base import Device, PushContent
 from streamer.model import Mention, Message, Room, Settings, User
@@ -32,6 +33,10 @@ CATEGORY_REPLY = "MESSAGE"
 CATEGORY_NO_REPLY = "MESSAGE_NOREPLY"
 #: Rocket.Chat's `Assets_favicon_192`, which Android shows next to the push.
 ICON_PATH = "assets/favicon_192.png"
+#: Bytes of JSON APNs and FCM take at most per push; they refuse a larger one.
+PROVIDER_PAYLOAD_LIMIT = 4096
+#: Bytes each provider's own fields (keys, badge, sound, ids, token) add at most.
+PROVIDER_OVERHEAD = 600
 
 
 def not_id(unique_id: str, rid: str) -> int:
@@ -83,31 +88,59 @@ def build_push_content(
     `sender` (the sender's user document) only supplies the real name when the
     message's own `u.name` is missing. In a room the recipient cannot write to
     (read-only, or muted there) iOS offers no reply button.
+
+    A push APNs or FCM would refuse as too large (a long e2e message's ciphertext,
+    or names of many kilobytes) goes in the id-only form instead, which the apps
+    answer by fetching the message: Rocket.Chat sends it whole, and it is lost.
     """
     id_only = settings.push_request_content_from_server
-    sender_label = _sender_label(message, settings, sender)
-    room_label = _room_label(room, settings, recipient.username)
-    body = _message_text(message, settings)
-    title = "" if id_only else room_label or sender_label
-    text = body if id_only or not room_label else f"{sender_label}: {body}"
-    host = _host(settings.site_url)
+    title, text, payload = _visible_parts(message, room, recipient, settings, sender, id_only)
+    if not id_only and not _fits_providers(title, text, payload):
+        id_only = True
+        title, text, payload = _visible_parts(message, room, recipient, settings, sender, True)
     return PushContent(
         uid=recipient.id,
         rid=message.rid,
         mid=message.id,
-        title=truncate(title, TITLE_LIMIT),
-        text=truncate(text, TEXT_LIMIT),
+        title=title,
+        text=text,
         badge=badge,
         not_id=not_id(settings.unique_id, message.rid),
         created_at=now,
-        payload=_payload(message, room, settings, sender_label, host, id_only),
+        payload=payload,
         category=CATEGORY_NO_REPLY
         if room and not room.can_write(recipient.username)
         else CATEGORY_REPLY,
         id_only=id_only,
         unique_id=settings.unique_id,
-        image=host + ICON_PATH,
+        image=_host(settings.site_url) + ICON_PATH,
     )
+
+
+def _visible_parts(
+    message: Message,
+    room: Room | None,
+    recipient: User,
+    settings: Settings,
+    sender: User | None,
+    id_only: bool,
+) -> tuple[str, str, dict[str, Any]]:
+    """Title, text and the apps' payload object."""
+    sender_label = _sender_label(message, settings, sender)
+    room_label = _room_label(room, settings, recipient.username)
+    body = _message_text(message, settings, id_only)
+    title = "" if id_only else room_label or sender_label
+    text = body if id_only or not room_label else f"{sender_label}: {body}"
+    payload = _payload(message, room, settings, sender_label, _host(settings.site_url), id_only)
+    return truncate(title, TITLE_LIMIT), truncate(text, TEXT_LIMIT), payload
+
+
+def _fits_providers(title: str, text: str, payload: dict[str, Any]) -> bool:
+    """FCM carries title and text twice (notification and data); both carry the
+    payload as a JSON string inside their JSON, its quotes escaped once more."""
+    ejson = orjson.dumps(orjson.dumps(payload).decode())
+    shown = len(orjson.dumps(title)) + len(orjson.dumps(text))
+    return 2 * shown + len(ejson) + PROVIDER_OVERHEAD <= PROVIDER_PAYLOAD_LIMIT
 
 
 def _sender_label(message: Message, settings: Settings, sender: User | None) -> str:
@@ -135,8 +168,8 @@ def _is_group_chat(room: Room) -> bool:
     return room.type in ("c", "p") or (room.type == "d" and room.users_count > 2)
 
 
-def _message_text(message: Message, settings: Settings) -> str:
-    if settings.push_request_content_from_server or not settings.push_show_message:
+def _message_text(message: Message, settings: Settings, id_only: bool) -> str:
+    if id_only or not settings.push_show_message:
         return GENERIC_TEXT
     return readable_text(message, settings)
 
