@@ -103,6 +103,18 @@ async def test_every_device_of_the_user_gets_the_push(
 
 
 @pytest.mark.anyio
+async def test_only_a_refused_push_is_logged_as_rejected(
+    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp
+) -> None:
+    refused, delivered = await stored_devices(db, "gcm", "apn")
+    stub.script("/push/gcm/send", Reply(422))
+    with capture_logs() as logs:
+        assert await make_sender().send(CONTENT, [refused, delivered], FIRST) == Delivered()
+    rejected = [line["token_id"] for line in logs if line["event"] == "push_rejected"]
+    assert rejected == [refused.token_id]
+
+
+@pytest.mark.anyio
 async def test_a_dead_token_is_deleted_from_rocket_chat(
     make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp
 ) -> None:

@@ -251,7 +251,7 @@ class PushSender:
         metrics.PUSHES.labels(provider, outcome.name.lower()).inc()
         if outcome is Outcome.DEAD_TOKEN:
             await self._delete_token(device, provider)
-        else:
+        elif outcome is Outcome.REJECTED:
             log.info("push_rejected", provider=provider, token_id=device.token_id)
         await self._ledger.finish(content.uid, content.mid, device, outcome, self._clock())
 
