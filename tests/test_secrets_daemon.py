@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import httpx
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
@@ -98,6 +99,8 @@ def test_no_secret_in_the_daemons_output_when_everything_fails(
             daemon.wait_for_log("push_retry_scheduled", count=3, mid=message["_id"])
             daemon.wait_for_log("bad_setting", timeout=30)
             wait_until(lambda: _smtp_refused(daemon), 30, lambda: "the SMTP login refused")
+            readyz = f"http://{daemon.logs('started')[0]['http']}/readyz"
+            wait_until(lambda: _blames_email(readyz), 10, lambda: "/readyz: the SMTP login")
             assert daemon.terminate() == 0
     assert gateway.received(GCM)[0].headers["authorization"] == f"Bearer {WORKSPACE_TOKEN}"
     output = "\n".join(daemon.raw)
@@ -111,3 +114,8 @@ def _smtp_refused(daemon: Daemon) -> bool:
         "email" in line.get("kind", "") and line.get("event") == "push_retry_scheduled"
         for line in daemon.logs()
     )
+
+
+def _blames_email(readyz: str) -> bool:
+    delivery = httpx.get(readyz).json()["components"]["delivery"]
+    return not delivery["ready"] and "email: " in delivery["reason"]

@@ -62,7 +62,7 @@ async def make_sender(
     """A fresh sender per call, as after a restart: nothing shared but the database."""
     await store_workspace_token(db, "workspace-token-1")
 
-    def make(resend_unknown: bool = False) -> PushSender:
+    def make(resend_unknown: bool = False, config: DeliveryConfig = CONFIG) -> PushSender:
         pushkin = GatewayPushkin(
             client, lambda: [gateway_url], WorkspaceToken(db, clock), clock=clock
         )
@@ -70,7 +70,7 @@ async def make_sender(
         return PushSender(
             {"apn": pushkin, "gcm": pushkin},
             db,
-            CONFIG,
+            config,
             cap=InFlightCap(4),
             ledger=ledger,
             clock=clock,
@@ -242,6 +242,26 @@ async def test_any_answer_of_the_provider_ends_the_credentials_failure(
     assert isinstance(await sender.send(CONTENT, [device], FIRST), RetryAt)
     assert not sender.healthy
     assert await sender.send(CONTENT, [device], FIRST) == Delivered()  # the token is dead
+    assert sender.healthy
+
+
+@pytest.mark.anyio
+async def test_one_providers_success_does_not_end_anothers_credentials_failure(
+    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp
+) -> None:
+    """Direct mode: APNs working says nothing of a revoked FCM key; /readyz stays failed
+    (and the loud line stays one) until FCM itself answers."""
+    android, iphone = await stored_devices(db, "gcm", "apn")
+    stub.script("/push/gcm/send", Reply(401), Reply(401), Reply(401), Reply(401))
+    sender = make_sender(config=dataclasses.replace(CONFIG, mode="direct"))
+    with capture_logs() as logs:
+        for _ in range(2):
+            assert isinstance(await sender.send(CONTENT, [android], FIRST), RetryAt)
+            assert await sender.send(CONTENT, [iphone], FIRST) == Delivered()
+            assert not sender.healthy
+            assert sender.problem is not None and sender.problem.startswith("fcm: ")
+    assert len([line for line in logs if line["event"] == "push_credentials_invalid"]) == 1
+    assert await sender.send(CONTENT, [android], FIRST) == Delivered()
     assert sender.healthy
 
 

@@ -48,6 +48,29 @@ class CredentialsError(DeliveryError):
     """
 
 
+class CredentialProblems:
+    """Credentials failures by source ("gateway", "apns", "fcm", "email"), each from its
+    first failure until that same source answers again: APNs working says nothing of
+    a revoked FCM key. What /readyz reports as the delivery problem."""
+
+    def __init__(self) -> None:
+        self._problems: dict[str, str] = {}
+
+    def failed(self, source: str, exc: CredentialsError) -> bool:
+        """Record the failure; True if the source was not failing yet (say it loudly once)."""
+        text = str(exc)
+        new = source not in self._problems
+        self._problems[source] = text if text.startswith(f"{source}:") else f"{source}: {text}"
+        return new
+
+    def answered(self, source: str) -> None:
+        self._problems.pop(source, None)
+
+    @property
+    def problem(self) -> str | None:
+        return "; ".join(self._problems[source] for source in sorted(self._problems)) or None
+
+
 def retry_after_seconds(header: str | None, now: float) -> float | None:
     """A Retry-After header (delta-seconds or HTTP-date) as seconds from `now`.
 

@@ -23,7 +23,12 @@ from pymongo.errors import PyMongoError
 from streamer import metrics
 from streamer.config import DeliveryConfig
 from streamer.delivery.base import Device, PushContent, Pushkin
-from streamer.delivery.errors import CredentialsError, Outcome, TemporaryDeliveryError
+from streamer.delivery.errors import (
+    CredentialProblems,
+    CredentialsError,
+    Outcome,
+    TemporaryDeliveryError,
+)
 from streamer.delivery.http import InFlightCap
 from streamer.delivery.ledger import SentLedger
 from streamer.model import PUSH_TOKENS, PushToken, TokenKind
@@ -135,19 +140,18 @@ class PushSender:
         self._ledger = ledger
         self._clock = clock
         self.retries = RetryPolicy(config, clock)
-        #: Why pushes fail for credentials, from the first such failure until a provider
-        #: answers again; None while they do not.
-        self._credentials_problem: str | None = None
+        #: Shared with the courier's email path: what makes delivery unhealthy (/readyz).
+        self.credentials = CredentialProblems()
 
     @property
     def healthy(self) -> bool:
-        """False from a credentials failure until a provider answers a push (for /readyz)."""
-        return self._credentials_problem is None
+        """False while a provider's last answer was a credentials failure (for /readyz)."""
+        return self.credentials.problem is None
 
     @property
     def problem(self) -> str | None:
-        """The credentials failure that makes the sender unhealthy, in the provider's words."""
-        return self._credentials_problem
+        """The credentials failures that make delivery unhealthy, in the providers' words."""
+        return self.credentials.problem
 
     async def send(
         self, content: PushContent, devices: Sequence[Device], attempts: Attempts
@@ -240,7 +244,7 @@ class PushSender:
             return _Failure(repr(exc))
         finally:
             metrics.PUSH_LATENCY.labels(provider).observe(time.perf_counter() - started)
-        self._credentials_problem = None  # the provider answered: the credentials work
+        self.credentials.answered(provider)  # it answered: its credentials work
         await self._record(content, device, provider, outcome)
         return None
 
@@ -271,9 +275,8 @@ class PushSender:
     def _credentials_failed(self, provider: str, exc: CredentialsError) -> None:
         """One loud line when pushes start failing for credentials, not one per push."""
         metrics.PUSHES.labels(provider, "credentials_error").inc()
-        if self._credentials_problem is None:
+        if self.credentials.failed(provider, exc):
             log.error("push_credentials_invalid", provider=provider, error=str(exc))
-        self._credentials_problem = f"{provider}: {exc}"
 
     def _provider(self, device: Device) -> str:
         """The metric label: "gateway" or, in direct mode, "apns"/"fcm"."""
