@@ -149,6 +149,27 @@ async def test_a_renamed_instance_picks_up_where_the_old_name_left_off(
     assert await saved_token(db, "resume:host1:messages") is not None
 
 
+async def test_a_restarted_instance_resumes_messages_where_another_got_further(
+    db: AsyncDatabase[Doc],
+) -> None:
+    """What another instance read while this one was down it queued durably (delivered
+    since, perhaps): read again, emails, which no ledger guards, would go out twice."""
+    early, missed, later = (f.message(GENERAL, ALICE, text) for text in ("a", "b", "c"))
+    one = dataclasses.replace(CONFIG, app=AppConfig(instance_id="one"))
+    two = dataclasses.replace(CONFIG, app=AppConfig(instance_id="two"))
+    first, other, restarted = Recorder(), Recorder(), Recorder()
+    async with running(db, first, config=one):
+        await db[MESSAGES].insert_one(early)
+        await wait_until(lambda: first.messages == [early["_id"]])
+    async with running(db, other, config=two):
+        await db[MESSAGES].insert_one(missed)
+        await wait_until(lambda: missed["_id"] in other.messages)
+    async with running(db, restarted, config=one):
+        await db[MESSAGES].insert_one(later)
+        await wait_until(lambda: later["_id"] in restarted.messages)
+    assert restarted.messages == [later["_id"]]
+
+
 async def unresumable_token(db: AsyncDatabase[Doc]) -> Doc:
     """A well-formed token for an event the server cannot find at its cluster time."""
     async with await db["forgery"].watch() as stream:

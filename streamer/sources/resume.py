@@ -9,7 +9,10 @@ An instance with no token of its own for a stream (its `instance_id` was set or
 changed, or it joins instances already running) picks up at the newest token
 another instance saved for that stream rather than at "now": the changes in
 between were handled by that instance, or are handled again (idempotent), and
-none is skipped.
+none is skipped. The messages stream goes further: an instance restarting
+behind another resumes at the other's newer token, since every message before
+it is durably queued by that instance already, and a message queued again after
+its entry was delivered would mail twice (no ledger guards email).
 """
 
 from __future__ import annotations
@@ -62,6 +65,15 @@ def _event_order(token: Mapping[str, Any]) -> str:
     return str(token.get("_data", ""))
 
 
+def _later(token: Mapping[str, Any], than: Position) -> bool:
+    if than.token is not None:
+        return _event_order(token) > _event_order(than.token)
+    if than.start_at is None:
+        return True
+    seconds = token_time(token)
+    return seconds is not None and seconds > than.start_at.time
+
+
 class ResumeTokens:
     """Loads and saves one instance's resume tokens; exposes each token's age as a metric."""
 
@@ -109,20 +121,21 @@ class ResumeTokens:
         saved = await self._saved({"_id": {"$in": keys}})
         return min((doc["token"] for doc in saved), key=_event_order, default=None)
 
-    async def newest_elsewhere(self, stream: str) -> Mapping[str, Any] | None:
-        """The latest token any other instance saved for this stream (not tracked)."""
+    async def newer_elsewhere(self, stream: str, than: Position) -> Mapping[str, Any] | None:
+        """The latest token another instance saved for this stream, if it is later than
+        `than` (or `than` is unknown); not tracked."""
         docs = await self._saved(
             {"stream": stream, "_id": {"$regex": "^resume:", "$ne": self.key(stream)}}
         )
-        if not docs:
+        newest = max(docs, key=lambda doc: _event_order(doc["token"]), default=None)
+        if newest is None or not _later(newest["token"], than):
             return None
-        newest = max(docs, key=lambda doc: _event_order(doc["token"]))
         log.info(
             "resume_from_other_instance",
             stream=stream,
             instance=self._instance,
             saved_by=newest["_id"],
-            why="no position saved under this instance_id",
+            why="another instance got further" if than != Position() else "no position of its own",
         )
         token: Mapping[str, Any] = newest["token"]
         return token

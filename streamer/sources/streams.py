@@ -142,6 +142,9 @@ class Stream:
     carries: tuple[str, ...] = ()
     #: Its changes keep the caches current (if it misses some, they must be dropped).
     keeps_caches: bool = False
+    #: Resumes at another instance's position when that one is further: what it read
+    #: before there is durably handled (queued), and this instance keeps no state of it.
+    follows_the_furthest: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,7 +188,10 @@ class Sources:
         )
         self._routes = self._make_routes()
         self.streams = [
-            Stream("messages", MESSAGES, _messages_pipeline(), None, self._messages),
+            Stream(
+                "messages", MESSAGES, _messages_pipeline(), None, self._messages,
+                follows_the_furthest=True,
+            ),
             Stream(
                 CHANGES, None, _pipeline(self._routes), "updateLookup", self._dispatch,
                 carries=LEGACY_STREAMS, keeps_caches=True,
@@ -273,8 +279,9 @@ class Sources:
         carried = position == Position() and bool(stream.carries)
         if carried:
             position = Position(await self._tokens.oldest(stream.carries))
-        if position == Position():
-            position = Position(await self._tokens.newest_elsewhere(stream.name))
+        if position == Position() or stream.follows_the_furthest:
+            newer = await self._tokens.newer_elsewhere(stream.name, position)
+            position = position if newer is None else Position(newer)
         changes, batch = await self._open_stream(stream, position)
         self._open.add(stream.name)
         delivered = False
