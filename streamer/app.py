@@ -48,6 +48,7 @@ from streamer.delivery.sender import PushSender
 from streamer.directory import DatabaseDirectory
 from streamer.health import Health, serve_http
 from streamer.ingest import Ingest
+from streamer.instance import InstanceClaim, InstanceTakenOver
 from streamer.model import Settings, TokenKind
 from streamer.mongo import mongo_client
 from streamer.queue import Queue
@@ -118,6 +119,9 @@ def _startup_failed(exc: BaseException) -> int:
     if isinstance(exc, ConfigError):
         log.error("configuration_error", error=str(exc))
         return EXIT_USAGE
+    if isinstance(exc, InstanceTakenOver):
+        log.error("instance_id_taken_over", error=str(exc))
+        return EXIT_FAILURE
     raise exc
 
 
@@ -126,10 +130,21 @@ async def run(config: Config, shutdown: anyio.Event | None = None) -> int:
     shutdown = shutdown or anyio.Event()
     async with _connected(config) as client:
         daemon = Daemon(config, client[config.mongo.database])
-        async with daemon.resources(), anyio.create_task_group() as tg:
-            tg.start_soon(daemon.watch_signals, shutdown, tg.cancel_scope)
-            await daemon.run(shutdown)
-            tg.cancel_scope.cancel()
+        claim = InstanceClaim(daemon.db[config.mongo.state_collection], daemon.instance_id)
+        await claim.acquire()  # before the queue loads: its leases are this id's
+        try:
+            async with daemon.resources(), anyio.create_task_group() as tg:
+                tg.start_soon(daemon.watch_signals, shutdown, tg.cancel_scope)
+                tg.start_soon(claim.keep)
+                await daemon.run(shutdown)
+                tg.cancel_scope.cancel()
+        finally:
+            with (
+                anyio.CancelScope(shield=True),
+                pymongo.timeout(RELEASE_TIMEOUT),
+                suppress(PyMongoError),
+            ):
+                await claim.release()  # a restart under this id need not wait
     if daemon.forced:
         return EXIT_FAILURE
     log.info("stopped")

@@ -240,3 +240,24 @@ def explain(daemon: Daemon, mid: str, user: str) -> str:
         check=True,
     )
     return result.stdout
+
+
+def test_a_second_process_under_the_same_instance_id_waits_for_the_first(
+    world: World, tmp_path: Path, mongo_uri: str, db_name: str, gateway: tuple[StubApp, str]
+) -> None:
+    """Both would take every entry as their own (see streamer/instance.py): the second
+    says who holds the id and starts only once the first has stopped."""
+    stub, url = gateway
+    same = {"instance_id": '"streamer-1"'}
+    config = write_config(tmp_path / "config.toml", mongo_uri, db_name, url, app=same)
+    with Daemon(config) as first:
+        first.wait_for_log("started", timeout=60)
+        with Daemon(config) as second:
+            (waiting,) = second.wait_for_log("instance_id_in_use", timeout=60)
+            assert not second.logs("started")
+            assert waiting["holder_pid"] == first.process.pid  # type: ignore[union-attr]
+            assert first.terminate() == 0
+            second.wait_for_log("started", timeout=30)
+            world.say(world.dm, "one of us is enough")
+            stub.wait_for(1, GCM, timeout=30)
+            assert second.terminate() == 0

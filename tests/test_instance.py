@@ -1,0 +1,68 @@
+"""One live process per instance_id: a second one waits, a stale one is taken over."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from pymongo.asynchronous.database import AsyncDatabase
+from structlog.testing import capture_logs
+
+from streamer.instance import InstanceClaim, InstanceTakenOver
+
+pytestmark = pytest.mark.anyio
+STATE = "streamer_state"
+#: Short beats so the tests are quick; "stale" is a few missed beats.
+FAST = {"interval": 0.05, "stale_after": 1.0}
+
+
+def claim(db: AsyncDatabase[dict[str, object]], instance_id: str = "streamer-1") -> InstanceClaim:
+    return InstanceClaim(db[STATE], instance_id, **FAST)
+
+
+async def test_a_second_process_with_the_same_id_waits_until_the_first_stops(
+    db: AsyncDatabase[dict[str, object]],
+) -> None:
+    first, second = claim(db), claim(db)
+    await first.acquire()
+    acquired = anyio.Event()
+
+    async def start_second() -> None:
+        await second.acquire()
+        acquired.set()
+
+    with capture_logs() as logs:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first.keep)
+            tg.start_soon(start_second)
+            with anyio.fail_after(10):
+                while not any(line["event"] == "instance_id_in_use" for line in logs):  # noqa: ASYNC110
+                    await anyio.sleep(0.01)  # a log line, not an event to wait on
+            # A negative, so a bounded wait: twice "stale", which the first's heartbeat
+            # must have kept it from becoming.
+            await anyio.sleep(2.0)
+            assert not acquired.is_set()
+            tg.cancel_scope.cancel()
+    await first.release()  # a clean stop
+    with anyio.fail_after(10):
+        await second.acquire()
+    (line,) = [line for line in logs if line["event"] == "instance_id_in_use"]
+    assert line["holder_pid"] is not None and "instance_id" in line["fix"]
+
+
+async def test_distinct_ids_do_not_wait_for_each_other(
+    db: AsyncDatabase[dict[str, object]],
+) -> None:
+    with anyio.fail_after(10):
+        await claim(db, "a").acquire()
+        await claim(db, "b").acquire()
+
+
+async def test_a_crashed_holder_is_taken_over_once_its_heartbeat_is_stale(
+    db: AsyncDatabase[dict[str, object]],
+) -> None:
+    crashed, restarted = claim(db), claim(db)
+    await crashed.acquire()  # and never beats again
+    with anyio.fail_after(10):
+        await restarted.acquire()
+    with anyio.fail_after(10), pytest.raises(InstanceTakenOver):
+        await crashed.keep()  # frozen, not dead: it must stop when it wakes
