@@ -22,6 +22,11 @@ from streamer.sources.cache import CachedDirectory
 from streamer.sources.events import MessageInserted, PresenceChanged, RoomRead, ThreadRead
 
 log = structlog.get_logger("streamer.ingest")
+#: Entries per queue write. A batch of busy rooms' messages fans out to hundreds of
+#: thousands of entries (5,000 messages to 100 members each: half a million, 500 MB
+#: as entries and documents at once, measured); written in chunks as they come,
+#: memory stays bounded. The batch's token is still saved after the last chunk.
+ADD_CHUNK = 10_000
 
 
 class Ingest:
@@ -71,6 +76,9 @@ class Ingest:
         entries: list[Entry] = []
         for event in batch:
             entries += await self._entries_for(event.message, settings, now)
+            if len(entries) >= ADD_CHUNK:
+                await self._queue.add(entries)
+                entries = []
         if entries:
             await self._queue.add(entries)
 
