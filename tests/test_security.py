@@ -256,6 +256,50 @@ def test_log_lines_and_tracebacks_are_scrubbed(log_format: str) -> None:
     assert result.stdout.count(REDACTED) >= 4
 
 
+LIBRARY_LOGS = """
+import logging, warnings
+import structlog
+from streamer.config import load_config, secret_values
+from streamer.observability import configure_logging
+
+config = load_config()
+configure_logging(config.log, secret_values(config))
+secret = config.email.password
+try:
+    raise ValueError(f"bad request carrying {secret}")
+except ValueError:
+    logging.getLogger("aiohttp.server").exception("Error handling request")
+logging.getLogger("httpx").info("HTTP Request: POST https://api.push.apple.com/3/device/x")
+warnings.warn(f"an option was ignored: {secret}", UserWarning)
+structlog.get_logger("probe").warning("quoted", error=f"failed with {secret}")
+"""
+
+
+def test_library_logs_and_warnings_are_json_lines_and_scrubbed() -> None:
+    """aiohttp's server, pymongo's background tasks and Python warnings log through the
+    standard library: they must come out as JSON too, scrubbed, not as stderr text;
+    and library chatter below WARNING (httpx logs request URLs, device tokens in
+    APNs paths) stays out."""
+    quoted = 'pa"ss\\word-' + secrets.token_hex(4)
+    result = subprocess.run(
+        [sys.executable, "-c", LIBRARY_LOGS],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "STREAMER_EMAIL__PASSWORD": quoted},
+        timeout=60,
+        check=True,
+    )
+    assert result.stderr == ""
+    lines = [orjson.loads(line) for line in result.stdout.splitlines()]
+    library, warning, ours = lines
+    assert (library["event"], library["logger"]) == ("Error handling request", "aiohttp.server")
+    assert "ValueError" in library["exception"] and library["level"] == "error"
+    assert warning["logger"] == "py.warnings" and "UserWarning" in warning["event"]
+    assert ours["event"] == "quoted" and ours["error"] == f"failed with {REDACTED}"
+    assert_absent([quoted, quoted.replace("\\", "\\\\")], result.stdout)
+
+
 @pytest.mark.parametrize(
     ("toml", "key"),
     [
