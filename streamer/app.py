@@ -89,7 +89,7 @@ def main(config: Config, dev_mongo: bool = False) -> int:
             )
         try:
             return anyio.run(run, config)
-        except (StartupError, ConfigError, BaseExceptionGroup) as exc:
+        except (Exception, BaseExceptionGroup) as exc:
             return _startup_failed(exc)
 
 
@@ -110,7 +110,7 @@ def _exit_unless_stopped_within(seconds: float, event: str) -> None:
 
 
 def _startup_failed(exc: BaseException) -> int:
-    """One clear line and the exit code for what stopped the daemon from starting."""
+    """One clear line and the exit code for what stopped the daemon (or its start)."""
     if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         return _startup_failed(exc.exceptions[0])
     if isinstance(exc, StartupError):
@@ -122,7 +122,10 @@ def _startup_failed(exc: BaseException) -> int:
     if isinstance(exc, InstanceTakenOver):
         log.error("instance_id_taken_over", error=str(exc))
         return EXIT_FAILURE
-    raise exc
+    # A bug, or MongoDB refusing for good (say, the changeStream action): one JSON
+    # line with the traceback, where the operator's log pipeline looks for it.
+    log.error("daemon_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+    return EXIT_FAILURE
 
 
 async def run(config: Config, shutdown: anyio.Event | None = None) -> int:

@@ -126,15 +126,22 @@ async def check_mongo(db: AsyncDatabase[Doc]) -> Check:
             )
         async with await db[MESSAGES].watch():
             pass
+        async with await db.watch():  # the daemon's other stream is database-wide
+            pass
     except PyMongoError as exc:
         return Check(
             name,
             Status.FAIL,
             f"database {db.name!r}: {exc.__class__.__name__}: {str(exc)[:300]}",
             "Check [mongo] uri (or STREAMER_MONGO__URI): host, port, credentials, TLS; the "
-            "user needs read access to the Rocket.Chat database and the changeStream action.",
+            "user needs read access to the Rocket.Chat database and the changeStream action "
+            "on the whole database (the built-in read role has both).",
         )
-    return _pass(name, f"replica set {hello['setName']!r}; a change stream on {MESSAGES} opens")
+    return _pass(
+        name,
+        f"replica set {hello['setName']!r}; change streams on {MESSAGES} and on the "
+        "whole database open",
+    )
 
 
 async def check_rocketchat_database(db: AsyncDatabase[Doc]) -> Check:

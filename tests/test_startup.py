@@ -85,3 +85,24 @@ async def test_the_uris_own_server_selection_timeout_wins() -> None:
     finally:
         await told.close()
         await default.close()
+
+
+def test_a_fatal_error_is_one_json_line_with_its_traceback_not_bare_stderr() -> None:
+    """Say MongoDB refuses the database-wide change stream (a user without the
+    changeStream action there): the daemon stops, and says why where logs are read."""
+    code = (
+        "from streamer.app import _startup_failed\n"
+        "from streamer.config import LogConfig\n"
+        "from streamer.observability import configure_logging\n"
+        "configure_logging(LogConfig())\n"
+        "try:\n"
+        "    raise PermissionError('not authorized on rocketchat to execute aggregate')\n"
+        "except PermissionError as exc:\n"
+        "    raise SystemExit(_startup_failed(ExceptionGroup('stopped', [exc])))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (result.returncode, result.stderr) == (1, "")
+    (line,) = [orjson.loads(text) for text in result.stdout.splitlines()]
+    assert line["event"] == "daemon_failed"
+    assert line["error"] == "PermissionError: not authorized on rocketchat to execute aggregate"
+    assert "Traceback" in line["exception"]
