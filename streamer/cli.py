@@ -46,16 +46,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = load_config(args.config)
-    except ConfigError as exc:
+        if args.command == "config":
+            sys.stdout.write(to_toml(redacted(config)))
+            return EXIT_OK
+        if args.command == "doctor":
+            return _doctor(config)
+        if args.command == "explain":
+            return _explain(config, args.message_id, args.user)
+    except ConfigError as exc:  # the file, or a URI pymongo refuses
         print(f"streamer: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if args.command == "config":
-        sys.stdout.write(to_toml(redacted(config)))
-        return EXIT_OK
-    if args.command == "doctor":
-        return _doctor(config)
-    if args.command == "explain":
-        return _explain(config, args.message_id, args.user)
     configure_logging(config.log, secret_values(config))
     return _run(config, dev_mongo=args.dev_mongo)
 

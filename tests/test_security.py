@@ -217,6 +217,27 @@ def test_config_command_redacts_secrets_from_the_file(tmp_path: Path) -> None:
     assert result.stdout.count(REDACTED) == 2
 
 
+UNESCAPED_SLASH_URI = "mongodb://app:S3cr/etPw-{tail}@db1:27017/?replicaSet=rs0"
+
+
+@pytest.mark.parametrize("command", ["config", "run", "doctor"])
+def test_a_password_with_an_unescaped_slash_is_hidden_and_is_a_config_error(
+    command: str,
+) -> None:
+    """pymongo refuses such a URI ("Bad database name"); until the operator escapes
+    the password, no command may show it, and `run` must not crash-loop on it."""
+    tail = secrets.token_hex(4)
+    uri = UNESCAPED_SLASH_URI.format(tail=tail)
+    result = run_streamer(command, env={"STREAMER_MONGO__URI": uri})
+    assert_absent([f"S3cr/etPw-{tail}", f"etPw-{tail}"], result.stdout + result.stderr)
+    if command == "run":
+        assert result.returncode == 2, result.stdout + result.stderr
+        (line,) = [orjson.loads(text) for text in result.stdout.splitlines()]
+        assert line["event"] == "configuration_error" and "escape" in line["error"]
+    elif command == "doctor":
+        assert result.returncode == 2 and "configuration error" in result.stderr
+
+
 LOG_SECRETS = """
 import structlog
 from urllib.parse import unquote, urlsplit
