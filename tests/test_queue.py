@@ -208,6 +208,19 @@ async def test_an_entry_queued_leased_is_taken_once_half_its_lease_is_gone(
     assert await take(queue) == queued  # through a fresh lease: too little time was left
 
 
+async def test_the_oldest_due_age_grows_while_nothing_takes_the_entry(
+    make_queue: QueueFactory, clock: Clock
+) -> None:
+    """The gauge the README suggests alerting on must rise when delivery stalls, that is
+    when nothing happens in the queue at all: it is read at scrape time."""
+    queue = await make_queue()
+    await queue.add([entry(clock, due_in=2)])
+    assert sample("streamer_queue_oldest_due_age_seconds") == 0.0
+    assert sample("streamer_queue_depth") == 1.0
+    clock.now += 10
+    assert sample("streamer_queue_oldest_due_age_seconds") == 8.0
+
+
 async def test_read_clears_all_rooms_of_the_user(
     make_queue: QueueFactory, clock: Clock, collection: AsyncCollection[Doc]
 ) -> None:

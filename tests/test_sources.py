@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
+from prometheus_client import REGISTRY
 from pymongo.asynchronous.database import AsyncDatabase
 from structlog.testing import capture_logs
 
@@ -344,3 +345,22 @@ def test_tunread_after_each_form_mongodb_reports(
 
 def test_tunread_after_an_element_change_is_unknown_without_the_previous_value() -> None:
     assert tunread_after(None, {"updatedFields": {"tunread.2": "t3"}}) is None
+
+
+async def test_the_lag_grows_while_a_batch_is_being_handled(db: AsyncDatabase[Doc]) -> None:
+    """Read at scrape time: a handler stuck on a batch shows a growing lag, not the
+    value it had before it got stuck."""
+    recorder = Recorder()
+    recorder.hold = anyio.Event()
+    async with running(db, recorder):
+        await db[MESSAGES].insert_one(f.message(GENERAL, ALICE))
+        await wait_until(lambda: len(recorder.messages) == 1)
+        await wait_until(lambda: stream_lag("messages") >= 0.5)
+        recorder.hold.set()
+        await wait_until(lambda: stream_lag("messages") < 0.5)
+
+
+def stream_lag(stream: str) -> float:
+    return (
+        REGISTRY.get_sample_value("streamer_change_stream_lag_seconds", {"stream": stream}) or 0.0
+    )

@@ -70,6 +70,10 @@ class Queue:
         self._changed: anyio.Event | None = None
         self._synced_at: Timestamp | None = None
         self._parse_slot = functools.partial(parse_slot, instance_id=instance_id)
+        # Read at scrape time: set on changes only, the age would freeze exactly when
+        # delivery stalls and nothing changes.
+        metrics.QUEUE_DEPTH.set_function(lambda: len(self))
+        metrics.QUEUE_OLDEST_DUE_AGE.set_function(self._oldest_due_age)
 
     def __len__(self) -> int:
         return len(self._schedule) + len(self._held)
@@ -160,7 +164,6 @@ class Queue:
         metrics.QUEUE_CLEARED.inc(cleared)
         if cleared:
             log.info("queue_cleared_on_read", uid=uid, rid=rid, cleared=cleared)
-        self._observe()
         return cleared
 
     async def user_offline(self, uid: str) -> int:
@@ -239,7 +242,6 @@ class Queue:
                 entries.append(entry)
         if refused:
             await self._resync(refused)
-        self._observe()
         return entries
 
     def _still_owned(self, slots: Sequence[Slot], now: float) -> dict[str, Entry]:
@@ -307,7 +309,6 @@ class Queue:
         finally:
             self._held.discard(key)
             self._owned.pop(key, None)
-            self._observe()
 
     async def retry(self, entry: Entry, due_at: float, error: str) -> None:
         """Try again at `due_at`; the attempt is recorded, so retries survive restarts."""
@@ -403,7 +404,6 @@ class Queue:
             if change.get("operationType") in ("update", "replace"):  # deleted meanwhile
                 self._schedule.remove(uid_of(key), key)
                 self._owned.pop(key, None)
-                self._observe()
             return
         slot = self._slot(doc)
         if slot is not None and self._schedule.get(slot.uid, key) != slot:
@@ -411,14 +411,11 @@ class Queue:
             self._changed_now()
 
     def _changed_now(self) -> None:
-        """Wake `next_due` to look again, and refresh the gauges."""
+        """Wake `next_due` to look again."""
         if self._changed is not None:
             self._changed.set()
             self._changed = None
-        self._observe()
 
-    def _observe(self) -> None:
-        metrics.QUEUE_DEPTH.set(len(self))
+    def _oldest_due_age(self) -> float:
         first = self._schedule.first()
-        age = 0.0 if first is None else max(0.0, self._clock() - first.due_at)
-        metrics.QUEUE_OLDEST_DUE_AGE.set(age)
+        return 0.0 if first is None else max(0.0, self._clock() - first.due_at)

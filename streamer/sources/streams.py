@@ -155,6 +155,29 @@ class Route:
     handle: Handler
 
 
+class Lag:
+    """A stream's lag behind the oplog, read at scrape time: now minus the time of
+    the last change handled, and while a batch is being handled, of its first change,
+    so a handler stuck for minutes shows minutes instead of its last value."""
+
+    def __init__(self) -> None:
+        self._handling_since: float | None = None
+        self._last = 0.0
+
+    def handling(self, batch: Sequence[Change]) -> None:
+        self._handling_since = meaning.change_time(batch[0])
+
+    def handled(self, batch: Sequence[Change]) -> None:
+        """An empty batch: caught up."""
+        self._handling_since = None
+        self._last = max(0.0, time.time() - meaning.change_time(batch[-1])) if batch else 0.0
+
+    def __call__(self) -> float:
+        if self._handling_since is None:
+            return self._last
+        return max(0.0, time.time() - self._handling_since)
+
+
 def is_transient(exc: BaseException) -> bool:
     """Worth reconnecting for: the network, an election, a shutdown — not a bad request."""
     if isinstance(exc, ConnectionFailure):
@@ -198,6 +221,9 @@ class Sources:
             ),
         ]  # fmt: skip
         self._open: set[str] = set()
+        self._lags = {stream.name: Lag() for stream in self.streams}
+        for name, lag in self._lags.items():
+            metrics.STREAM_LAG.labels(name).set_function(lag)
 
     @property
     def ready(self) -> bool:
@@ -319,12 +345,11 @@ class Sources:
         self, stream: Stream, changes: AsyncChangeStream[Doc], batch: Sequence[Change]
     ) -> None:
         """Hand one batch on, then save where it ended (never before: see resume.py)."""
+        lag = self._lags[stream.name]
         if batch:
+            lag.handling(batch)  # and if it fails, still behind while it reconnects
             await self._handle(stream, batch)
-            lag = time.time() - meaning.change_time(batch[-1])
-            metrics.STREAM_LAG.labels(stream.name).set(max(0.0, lag))
-        else:
-            metrics.STREAM_LAG.labels(stream.name).set(0.0)
+        lag.handled(batch)
         token = changes.resume_token
         quiet_for = time.time() - self._tokens.saved_at(stream.name)
         if token is not None and (batch or quiet_for >= self._tuning.idle_save_interval):
