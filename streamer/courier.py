@@ -244,7 +244,9 @@ class Courier:
                 log.error("email_credentials_invalid", error=str(exc))
             retry_after = exc.retry_after if isinstance(exc, TemporaryDeliveryError) else None
             attempts = Attempts(entry.attempts, entry.first_failure_at)
-            return self._sender.retries.after_failure(str(exc), retry_after, attempts)
+            return self._sender.retries.after_failure(
+                str(exc), retry_after, attempts, channel="email"
+            )
         self._sender.credentials.answered("email")
         return Delivered()
 

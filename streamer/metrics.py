@@ -31,6 +31,8 @@ PUSHES = Counter(
 )
 PUSH_RETRIES = Counter("streamer_push_retries", "Pushes scheduled for another attempt")
 PUSH_GIVEN_UP = Counter("streamer_push_given_up", "Pushes abandoned after give_up_after")
+EMAIL_RETRIES = Counter("streamer_email_retries", "Emails scheduled for another attempt")
+EMAIL_GIVEN_UP = Counter("streamer_email_given_up", "Emails abandoned after give_up_after")
 PUSH_LATENCY = Histogram("streamer_push_request_seconds", "Provider request duration", ["provider"])
 PUSHES_IN_FLIGHT = Gauge("streamer_pushes_in_flight", "Provider requests in flight")
 TOKENS_DELETED = Counter("streamer_tokens_deleted", "Dead device tokens deleted")

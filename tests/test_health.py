@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import anyio
 import httpx
@@ -57,6 +59,18 @@ async def test_metrics_exposes_every_streamer_metric(endpoint: Endpoint) -> None
         assert f"# HELP {name}" in response.text, name
     assert "streamer_messages_seen_total" in response.text
     assert "_created" not in response.text  # only what the README's table lists
+
+
+def test_the_readmes_metric_table_lists_exactly_the_metrics_there_are() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    listed = set(re.findall(r"^\| `(streamer_[a-z_]+)` \|", readme, re.MULTILINE))
+    families = [
+        metric.describe()[0]
+        for metric in vars(metrics).values()
+        if isinstance(metric, MetricWrapperBase)
+    ]
+    exposed = {f"{f.name}_total" if f.type == "counter" else f.name for f in families}
+    assert listed == exposed
 
 
 async def test_livez_answers_while_the_process_is_up(endpoint: Endpoint) -> None:

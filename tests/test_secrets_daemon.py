@@ -111,7 +111,7 @@ def test_no_secret_in_the_daemons_output_when_everything_fails(
 
 def _smtp_refused(daemon: Daemon) -> bool:
     return any(
-        "email" in line.get("kind", "") and line.get("event") == "push_retry_scheduled"
+        "email" in line.get("kind", "") and line.get("event") == "email_retry_scheduled"
         for line in daemon.logs()
     )
 

@@ -12,7 +12,7 @@ import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 import structlog
@@ -77,6 +77,11 @@ class _Failure:
     retry_after: float | None = None
 
 
+Channel = Literal["push", "email"]
+_RETRIES = {"push": metrics.PUSH_RETRIES, "email": metrics.EMAIL_RETRIES}
+_GIVEN_UP = {"push": metrics.PUSH_GIVEN_UP, "email": metrics.EMAIL_GIVEN_UP}
+
+
 class RetryPolicy:
     """When to try a failed notification again, or give up: one policy for push and email."""
 
@@ -88,9 +93,16 @@ class RetryPolicy:
         )
 
     def after_failure(
-        self, error: str, retry_after: float | None, attempts: Attempts, **context: str
+        self,
+        error: str,
+        retry_after: float | None,
+        attempts: Attempts,
+        channel: Channel = "push",
+        **context: str,
     ) -> RetryAt | GivenUp:
         """Exponential backoff with jitter, never before Retry-After; give up past the limit.
+
+        Counted and logged per channel: an SMTP outage must not look like pushes failing.
 
         No retry is scheduled past the give-up time, whatever Retry-After asks: a
         gateway answering `Retry-After: 86400` would otherwise park the push for a
@@ -100,9 +112,9 @@ class RetryPolicy:
         first_failure_at = attempts.first_failure_at if attempts.first_failure_at else now
         give_up_at = first_failure_at + self._give_up_after
         if now >= give_up_at:
-            metrics.PUSH_GIVEN_UP.inc()
+            _GIVEN_UP[channel].inc()
             log.warning(
-                "push_given_up",
+                f"{channel}_given_up",
                 attempts=attempts.count + 1,
                 failing_since=first_failure_at,
                 error=error,
@@ -111,8 +123,8 @@ class RetryPolicy:
             return GivenUp(error)
         following = Attempts(attempts.count + 1, first_failure_at)
         delay = min(max(self._wait(following.count), retry_after or 0.0), give_up_at - now)
-        metrics.PUSH_RETRIES.inc()
-        log.info("push_retry_scheduled", delay=delay, error=error, **context)
+        _RETRIES[channel].inc()
+        log.info(f"{channel}_retry_scheduled", delay=delay, error=error, **context)
         return RetryAt(now + delay, error, following)
 
     def _wait(self, attempt_number: int) -> float:
@@ -221,14 +233,13 @@ class PushSender:
             log.warning("no_provider_for_device", kind=device.kind, token_id=device.token_id)
             await self._record(content, device, provider, Outcome.REJECTED)
             return None
-        started = time.perf_counter()
-        requested = False
+        started: float | None = None  # once a slot is free: the histogram is the provider's
         try:
             async with self._cap.slot():
-                requested = True
+                started = time.perf_counter()
                 outcome = await pushkin.dispatch(content, device)
         except anyio.get_cancelled_exc_class():
-            if not requested:  # surely not sent: free the claim, so no one skips it
+            if started is None:  # surely not sent: free the claim, so no one skips it
                 with anyio.CancelScope(shield=True), contextlib.suppress(PyMongoError):
                     await self._ledger.release(content.uid, content.mid, device)
             raise
@@ -243,7 +254,8 @@ class PushSender:
             metrics.PUSHES.labels(provider, "unexpected_error").inc()
             return _Failure(repr(exc))
         finally:
-            metrics.PUSH_LATENCY.labels(provider).observe(time.perf_counter() - started)
+            if started is not None:
+                metrics.PUSH_LATENCY.labels(provider).observe(time.perf_counter() - started)
         self.credentials.answered(provider)  # it answered: its credentials work
         await self._record(content, device, provider, outcome)
         return None
