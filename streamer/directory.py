@@ -25,6 +25,7 @@ from streamer.model import (
     SETTINGS,
     SUBSCRIPTIONS,
     TEAM_MEMBERS,
+    USER_FIELDS,
     USERS,
     MalformedDocument,
     Message,
@@ -142,7 +143,7 @@ class DatabaseDirectory:
         return None if doc is None else parse_or_log(Subscription.from_doc, doc)
 
     async def users(self, uids: Collection[str]) -> dict[str, User]:
-        cursor = self._db[USERS].find({"_id": {"$in": list(uids)}})
+        cursor = self._db[USERS].find({"_id": {"$in": list(uids)}}, dict.fromkeys(USER_FIELDS, 1))
         return {user.id: user for user in await _parsed(User.from_doc, cursor)}
 
     async def devices(self, uids: Collection[str]) -> dict[str, list[PushToken]]:

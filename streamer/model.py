@@ -383,6 +383,21 @@ class Room:
         return not self.read_only and username not in self.muted
 
 
+#: The user fields `User` reads: the projection of every users query, so the rest
+#: (login tokens and password hashes in `services`, `__rooms`) stays in MongoDB.
+USER_FIELDS: tuple[str, ...] = (
+    "username",
+    "name",
+    "active",
+    "status",
+    "statusConnection",
+    "emails",
+    "settings.preferences",
+    "roles",
+    "_updatedAt",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class User:
     id: str

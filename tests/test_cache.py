@@ -123,15 +123,39 @@ class CommandCounter(monitoring.CommandListener):
 
     def __init__(self) -> None:
         self.commands: list[str] = []
+        self.user_projections: list[object] = []
 
     def started(self, event: monitoring.CommandStartedEvent) -> None:
         self.commands.append(event.command_name)
+        if event.command_name == "find" and event.command["find"] == USERS:
+            self.user_projections.append(event.command.get("projection"))
 
     def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
         pass
 
     def failed(self, event: monitoring.CommandFailedEvent) -> None:
         pass
+
+
+async def test_login_tokens_and_room_lists_never_leave_mongodb(
+    mongo_uri: str, db: AsyncDatabase[Doc]
+) -> None:
+    """Every users query names its fields, cached or not: `services` holds login
+    tokens and password hashes, `__rooms` thousands of ids."""
+    await seed(db)
+    counter = CommandCounter()
+    client: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_uri, event_listeners=[counter])
+    try:
+        watched = client[db.name]
+        cached = await loaded(watched)
+        await cached.users([CAROL["_id"]])  # offline: not loaded at start
+        await DatabaseDirectory(watched).users([ALICE["_id"], BOB["_id"]])
+    finally:
+        await client.close()
+    assert len(counter.user_projections) >= 3
+    for projection in counter.user_projections:
+        assert isinstance(projection, dict) and "username" in projection
+        assert not {"services", "__rooms"} & set(projection)
 
 
 async def test_prefetch_loads_a_batch_of_rooms_in_one_query_per_kind(
@@ -281,6 +305,20 @@ async def test_presence_a_failed_write_left_out_is_written_on_replay(
         await cached.record_presence(batch)
         assert (await loaded(db)).away_since(ALICE["_id"]) == cached.away_since(ALICE["_id"])
     assert cached.away_since(ALICE["_id"]) != 1000.0
+
+
+async def test_the_away_record_of_a_deleted_user_is_dropped_at_the_next_start(
+    db: AsyncDatabase[Doc],
+) -> None:
+    await seed(db)
+    first = await loaded(db)
+    for user in (ALICE, DAVE):
+        await first.record_presence([PresenceChanged(user["_id"], "away", "online", at=1000.0)])
+    await db[USERS].delete_one({"_id": DAVE["_id"]})
+    restarted = await loaded(db)
+    assert restarted.away_since(DAVE["_id"]) is None
+    left = [doc["_id"] async for doc in db[STATE].find({"_id": {"$regex": "^away:"}})]
+    assert left == [f"away:{ALICE['_id']}"]
 
 
 async def test_away_since_falls_back_to_updated_at(db: AsyncDatabase[Doc]) -> None:

@@ -52,6 +52,7 @@ from streamer.model import (
     SETTING_IDS,
     SETTINGS,
     SUBSCRIPTIONS,
+    USER_FIELDS,
     USERS,
     Message,
     Presence,
@@ -73,18 +74,6 @@ Doc = dict[str, Any]
 AWAY_PREFIX = "away:"
 #: Rooms of at most this many members have their members' devices prefetched.
 SMALL_ROOM = 50
-#: The user fields the sidecar reads; the rest (login tokens, `__rooms`) stays in MongoDB.
-USER_FIELDS: tuple[str, ...] = (
-    "username",
-    "name",
-    "active",
-    "status",
-    "statusConnection",
-    "emails",
-    "settings.preferences",
-    "roles",
-    "_updatedAt",
-)
 
 
 async def load_away_since(state: AsyncCollection[Doc]) -> dict[str, float]:
@@ -169,6 +158,7 @@ class CachedDirectory:
             }
         )
         self._away = await load_away_since(self._state)
+        await self._forget_deleted_users_away()
         await self._load_present_users()
         await self._load_tunreads()
         log.info(
@@ -178,6 +168,20 @@ class CachedDirectory:
             away=len(self._away),
             tunreads=len(self._tunread),
         )
+
+    async def _forget_deleted_users_away(self) -> None:
+        """A user deleted while away leaves a record behind, reloaded at every start for
+        ever; each start drops those of users that are gone."""
+        if not self._away:
+            return
+        found = self._db[USERS].find({"_id": {"$in": list(self._away)}}, {"_id": 1})
+        existing = {doc["_id"] async for doc in found}
+        gone = [uid for uid in self._away if uid not in existing]
+        if gone:
+            keys = [f"{AWAY_PREFIX}{uid}" for uid in gone]
+            await self._state.delete_many({"_id": {"$in": keys}})
+            for uid in gone:
+                del self._away[uid]
 
     async def _load_present_users(self) -> None:
         """Users not offline are the ones whose presence matters first."""

@@ -64,9 +64,17 @@ from tenacity import (
 from streamer import metrics
 from streamer.changebatch import next_batch
 from streamer.config import Config
-from streamer.model import MESSAGES, PUSH_TOKENS, SETTING_IDS, SETTINGS, SUBSCRIPTIONS, USERS
+from streamer.model import (
+    MESSAGES,
+    PUSH_TOKENS,
+    SETTING_IDS,
+    SETTINGS,
+    SUBSCRIPTIONS,
+    USER_FIELDS,
+    USERS,
+)
 from streamer.sources import changes as meaning
-from streamer.sources.cache import USER_FIELDS, CachedDirectory
+from streamer.sources.cache import CachedDirectory
 from streamer.sources.events import MessageInserted, PresenceChanged, RoomRead, ThreadRead
 from streamer.sources.resume import Position, ResumeTokens
 
