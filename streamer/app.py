@@ -134,20 +134,21 @@ async def run(config: Config, shutdown: anyio.Event | None = None) -> int:
     async with _connected(config) as client:
         daemon = Daemon(config, client[config.mongo.database])
         claim = InstanceClaim(daemon.db[config.mongo.state_collection], daemon.instance_id)
-        await claim.acquire()  # before the queue loads: its leases are this id's
-        try:
-            async with daemon.resources(), anyio.create_task_group() as tg:
-                tg.start_soon(daemon.watch_signals, shutdown, tg.cancel_scope)
-                tg.start_soon(claim.keep)
-                await daemon.run(shutdown)
-                tg.cancel_scope.cancel()
-        finally:
-            with (
-                anyio.CancelScope(shield=True),
-                pymongo.timeout(RELEASE_TIMEOUT),
-                suppress(PyMongoError),
-            ):
-                await claim.release()  # a restart under this id need not wait
+        async with daemon.serving_http():
+            await claim.acquire()  # before the queue loads: its leases are this id's
+            try:
+                async with daemon.resources(), anyio.create_task_group() as tg:
+                    tg.start_soon(daemon.watch_signals, shutdown, tg.cancel_scope)
+                    tg.start_soon(claim.keep)
+                    await daemon.run(shutdown)
+                    tg.cancel_scope.cancel()
+            finally:
+                with (
+                    anyio.CancelScope(shield=True),
+                    pymongo.timeout(RELEASE_TIMEOUT),
+                    suppress(PyMongoError),
+                ):
+                    await claim.release()  # a restart under this id need not wait
     if daemon.forced:
         return EXIT_FAILURE
     log.info("stopped")
@@ -163,9 +164,27 @@ class Daemon:
         self.instance_id = config.app.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         self.forced = False
         self.health = Health()
+        #: Where /metrics, /livez and /readyz answer (`host:port`), once serving.
+        self.http_address = ""
         self.directory = CachedDirectory(
             db, db[config.mongo.state_collection], fallback=DatabaseDirectory(db)
         )
+
+    @asynccontextmanager
+    async def serving_http(self) -> AsyncIterator[None]:
+        """/metrics, /livez and /readyz from before the wait for the instance_id and the
+        loading (a million queued entries take seconds): the process is up and says so,
+        and /readyz says what it is not ready for yet."""
+        stop = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            self.http_address = await tg.start(
+                functools.partial(serve_http, self.health, self.config.http.listen, shutdown=stop)
+            )
+            log.info("http_listening", http=self.http_address)
+            try:
+                yield
+            finally:
+                stop.set()
 
     @asynccontextmanager
     async def resources(self) -> AsyncIterator[None]:
@@ -215,17 +234,11 @@ class Daemon:
             on_reads=self.ingest.on_reads,
             on_presence=self.ingest.on_presence,
         )
-        http_stop = anyio.Event()
         async with anyio.create_task_group() as tg:
-            address = await tg.start(
-                functools.partial(
-                    serve_http, self.health, self.config.http.listen, shutdown=http_stop
-                )
-            )
             tg.start_soon(_run_until, shutdown, sources.run)
             tg.start_soon(self._watch_health, sources)
             await tg.start(self.queue.follow)
-            log.info("started", instance_id=self.instance_id, http=address)
+            log.info("started", instance_id=self.instance_id, http=self.http_address)
             await self.courier.run(shutdown)
             # Bounded by pymongo's own deadline: cancelling it mid-wait breaks its pool.
             with (
@@ -234,7 +247,6 @@ class Daemon:
                 suppress(PyMongoError),
             ):
                 await self.queue.release_owned()
-            http_stop.set()
             tg.cancel_scope.cancel()
 
     async def watch_signals(self, shutdown: anyio.Event, everything: anyio.CancelScope) -> None:

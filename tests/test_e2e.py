@@ -255,6 +255,9 @@ def test_a_second_process_under_the_same_instance_id_waits_for_the_first(
         with Daemon(config) as second:
             (waiting,) = second.wait_for_log("instance_id_in_use", timeout=60)
             assert not second.logs("started")
+            base = f"http://{second.logs('http_listening')[0]['http']}"
+            assert httpx.get(f"{base}/livez").status_code == 200  # up, and says so
+            assert httpx.get(f"{base}/readyz").status_code == 503
             assert waiting["holder_pid"] == first.process.pid  # type: ignore[union-attr]
             assert first.terminate() == 0
             second.wait_for_log("started", timeout=30)
