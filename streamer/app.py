@@ -238,6 +238,7 @@ class Daemon:
             tg.start_soon(_run_until, shutdown, sources.run)
             tg.start_soon(self._watch_health, sources)
             await tg.start(self.queue.follow)
+            tg.start_soon(self.queue.keep_leases)
             log.info("started", instance_id=self.instance_id, http=self.http_address)
             await self.courier.run(shutdown)
             # Bounded by pymongo's own deadline: cancelling it mid-wait breaks its pool.

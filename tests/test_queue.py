@@ -221,6 +221,24 @@ async def test_the_oldest_due_age_grows_while_nothing_takes_the_entry(
     assert sample("streamer_queue_oldest_due_age_seconds") == 8.0
 
 
+async def test_a_lease_renewed_while_delivering_keeps_other_instances_off(
+    make_queue: QueueFactory, clock: Clock
+) -> None:
+    """A slow delivery (an SMTP conversation can outlast a lease) must not be taken over
+    and done a second time by another instance while it is still under way."""
+    lease = QueueConfig().lease_seconds
+    ours = await make_queue(instance_id="a")
+    await ours.add([entry(clock, due_in=1)])
+    clock.now += 1
+    taken = await take(ours)  # and delivering, slowly
+    clock.now += lease * 0.75
+    await ours.renew_held()
+    clock.now += lease * 0.5  # past the first lease, within the renewed one
+    theirs = await make_queue(instance_id="b")
+    assert theirs.next_due_at() == clock.now - lease * 0.5 + lease
+    await ours.done(taken)
+
+
 async def test_read_clears_all_rooms_of_the_user(
     make_queue: QueueFactory, clock: Clock, collection: AsyncCollection[Doc]
 ) -> None:

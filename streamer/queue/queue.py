@@ -347,6 +347,25 @@ class Queue:
                 self._schedule.put(entry_slot(entry))
             self._changed_now()
 
+    async def keep_leases(self) -> None:
+        """Renew the leases of the entries being delivered, every third of a lease.
+
+        A delivery may outlast its lease (an SMTP conversation of slow steps, a
+        provider retried within one attempt): another instance would then take the
+        entry and deliver it a second time, concurrently.
+        """
+        while True:
+            await anyio.sleep(self._config.lease_seconds / 3)
+            try:
+                await self.renew_held()
+            except PyMongoError as exc:
+                log.warning("queue_lease_renewal_failed", entries=len(self._held), error=str(exc))
+
+    async def renew_held(self) -> None:
+        if self._held:
+            until = self._clock() + self._config.lease_seconds
+            await self._store.renew(list(self._held), until)
+
     async def release_owned(self) -> None:
         """At shutdown: free the entries inserted leased to this instance and not yet
         taken, so a restart or another instance takes them at once, not after the lease."""

@@ -251,6 +251,13 @@ class QueueStore:
     async def find(self, keys: Sequence[str]) -> list[Doc]:
         return await self.collection.find({"_id": {"$in": list(keys)}}, SLOT_FIELDS).to_list()
 
+    async def renew(self, keys: Sequence[str], until: float) -> None:
+        """Extend this instance's leases on these entries."""
+        await self.collection.update_many(
+            {"_id": {"$in": list(keys)}, "owner": self.instance_id},
+            {"$set": {"lease_until": until}},
+        )
+
     async def release(self, keys: Sequence[str]) -> None:
         """Give the leases back without changing the entries."""
         await self.collection.update_many(
