@@ -80,8 +80,13 @@ def parse_or_log(parse: Callable[[object], T], doc: object) -> T | None:
     except MalformedDocument as exc:
         metrics.MALFORMED_DOCUMENTS.labels(exc.collection).inc()
         if _first_report(exc):
+            mid = {"mid": exc.doc_id} if exc.collection == MESSAGES else {}  # found by mid
             log.warning(
-                "malformed_document", collection=exc.collection, doc_id=exc.doc_id, why=exc.why
+                "malformed_document",
+                collection=exc.collection,
+                doc_id=exc.doc_id,
+                why=exc.why,
+                **mid,
             )
         return None
 

@@ -172,8 +172,8 @@ async def test_malformed_messages_are_logged_and_skipped(db: AsyncDatabase[Doc])
             await db[MESSAGES].insert_many([no_room, bad_time, good])
             await wait_until(lambda: good["_id"] in recorder.messages)
     assert recorder.messages == [good["_id"]]
-    skipped = {line["doc_id"] for line in logs if line["event"] == "malformed_document"}
-    assert skipped == {no_room["_id"], bad_time["_id"]}
+    skipped = {line["mid"] for line in logs if line["event"] == "malformed_document"}
+    assert skipped == {no_room["_id"], bad_time["_id"]}  # found by a search on its mid
 
 
 async def test_reading_a_room_is_a_room_read(db: AsyncDatabase[Doc]) -> None:

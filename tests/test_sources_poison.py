@@ -44,6 +44,7 @@ async def test_the_change_that_breaks_its_handler_is_skipped_and_its_batch_still
     assert recorder.messages == [doc["_id"] for doc in [*before, *after, later]]
     skipped = [line for line in logs if line["event"] == "change_skipped"]
     assert [line["doc_id"] for line in skipped] == [poison["_id"]]
+    assert (skipped[0]["mid"], skipped[0]["rid"]) == (poison["_id"], poison["rid"])
 
 
 class CancelledIntoRuntimeError(Recorder):

@@ -77,7 +77,7 @@ class SmtpServer:
                 username=config.username or settings.smtp_username or None,
                 password=config.password or settings.smtp_password or None,
             )
-        log.info("email_notifications_off", reason=why)
+        log.info("email_notifications_off", why=why)
         return None
 
 

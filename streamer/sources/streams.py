@@ -391,7 +391,9 @@ class Sources:
             key = batch[0].get("documentKey")
             doc_id = key.get("_id") if isinstance(key, Mapping) else None
             collection = collection_of(batch[0]) or stream.collection or "unknown"
-            log.exception("change_skipped", collection=collection, doc_id=doc_id)
+            log.exception(
+                "change_skipped", collection=collection, doc_id=doc_id, **_message_ids(batch[0])
+            )
             metrics.MALFORMED_DOCUMENTS.labels(collection).inc()
 
     async def _open_stream(
@@ -497,6 +499,17 @@ def _log_reconnect(stream: str, state: RetryCallState) -> None:
         wait_seconds=wait, error=describe(error),
     )  # fmt: skip
     metrics.RECONNECTS.labels(stream).inc()
+
+
+def _message_ids(change: Change) -> dict[str, object]:
+    """mid and rid of a message change: a search by message id must find the line
+    that explains why it was never pushed."""
+    if collection_of(change) not in (MESSAGES, None):
+        return {}
+    document = change.get("fullDocument")
+    if not isinstance(document, Mapping):
+        return {}
+    return {"mid": document.get("_id"), "rid": document.get("rid")}
 
 
 def collection_of(change: Change) -> str | None:
