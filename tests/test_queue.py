@@ -239,6 +239,22 @@ async def test_a_lease_renewed_while_delivering_keeps_other_instances_off(
     await ours.done(taken)
 
 
+async def test_entries_queued_leased_keep_no_copy_once_past_half_their_lease(
+    make_queue: QueueFactory, clock: Clock
+) -> None:
+    """A courier far behind leaves many such entries untaken; past half their lease
+    they are taken through a lease write anyway, and their copies are dropped."""
+    queue = await make_queue()
+    early = [entry(clock, uid=f"u{i}") for i in range(3)]
+    await queue.add(early)
+    clock.now += QueueConfig().lease_seconds * 0.75
+    late = entry(clock, uid="late")
+    await queue.add([late])
+    assert list(queue._owned) == [late.id]  # the memory held: one copy, not four
+    taken = await queue.next_due(limit=10)
+    assert sorted(e.mid for e in taken) == sorted(e.mid for e in [*early, late])
+
+
 async def test_read_clears_all_rooms_of_the_user(
     make_queue: QueueFactory, clock: Clock, collection: AsyncCollection[Doc]
 ) -> None:

@@ -16,6 +16,7 @@ two round trips, so one caller keeps hundreds of deliveries fed.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -130,6 +131,7 @@ class Queue:
         now = self._clock()
         until = now + self._config.lease_seconds
         due_now = {entry.id for entry in entries if entry.due_at <= now}
+        self._forget_owned_past_half_lease(now)
         try:
             new = await self._store.insert(entries, leased=due_now, until=until)
         except anyio.get_cancelled_exc_class():
@@ -243,6 +245,16 @@ class Queue:
         if refused:
             await self._resync(refused)
         return entries
+
+    def _forget_owned_past_half_lease(self, now: float) -> None:
+        """Past half its lease an entry inserted leased is taken through a lease write all
+        the same (`_still_owned`): its copy kept here would only hold memory, hundreds of
+        bytes an entry, for as long as the courier is behind. Oldest first, as added."""
+        half = self._config.lease_seconds / 2
+        for key, (_, until) in list(itertools.islice(self._owned.items(), 1000)):
+            if until - now >= half:
+                return
+            del self._owned[key]
 
     def _still_owned(self, slots: Sequence[Slot], now: float) -> dict[str, Entry]:
         """Of the slots, the entries inserted leased to this instance whose lease has at
