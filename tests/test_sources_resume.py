@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
+from bson import Timestamp
 from prometheus_client import REGISTRY
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
@@ -26,6 +27,7 @@ from streamer import devmongo
 from streamer.config import AppConfig
 from streamer.model import MESSAGES, SETTINGS, SUBSCRIPTIONS
 from streamer.sources.events import MessageInserted
+from streamer.sources.resume import ResumeTokens
 from tests import factories as f
 from tests.failpoints import fail_commands
 from tests.test_sources import (
@@ -177,6 +179,29 @@ async def unresumable_token(db: AsyncDatabase[Doc]) -> Doc:
         change = await stream.next()
     data: str = change["_id"]["_data"]
     return {"_data": data.replace(b"ab".hex().upper(), b"zz".hex().upper())}
+
+
+async def test_a_restarted_instance_does_not_follow_another_across_its_lost_history(
+    db: AsyncDatabase[Doc],
+) -> None:
+    """Instance two lost its history (its stream stalled off the oplog) and went on from
+    "now": messages before that were read by nobody. Instance one, back with its own
+    position still in the oplog, must read them itself rather than jump to two's."""
+    early, gap, later = (f.message(GENERAL, ALICE, text) for text in ("a", "gap", "c"))
+    one = dataclasses.replace(CONFIG, app=AppConfig(instance_id="one"))
+    two = dataclasses.replace(CONFIG, app=AppConfig(instance_id="two"))
+    first, second, restarted = Recorder(), Recorder(), Recorder()
+    async with running(db, first, config=one):
+        await db[MESSAGES].insert_one(early)
+        await wait_until(lambda: first.messages == [early["_id"]])
+    await db[MESSAGES].insert_one(gap)  # one is down; two's stream is lost
+    now = (await db.command("ping"))["operationTime"]
+    await ResumeTokens(db[STATE], "two").save_start("messages", Timestamp(now.time, now.inc + 1))
+    async with running(db, second, config=two):  # goes on from where it reopened
+        await db[MESSAGES].insert_one(later)
+        await wait_until(lambda: later["_id"] in second.messages)
+    async with running(db, restarted, config=one):
+        await wait_until(lambda: gap["_id"] in restarted.messages)
 
 
 @pytest.mark.parametrize("kind", ["garbage", "unresumable"])

@@ -12,7 +12,10 @@ between were handled by that instance, or are handled again (idempotent), and
 none is skipped. The messages stream goes further: an instance restarting
 behind another resumes at the other's newer token, since every message before
 it is durably queued by that instance already, and a message queued again after
-its entry was delivered would mail twice (no ledger guards email).
+its entry was delivered would mail twice (no ledger guards email). Not across a
+lost history, though: an instance whose position fell off the oplog went on from
+"now", the loss is kept in its position (`history_lost_at`), and an instance
+behind that instant reads on from its own.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from streamer import metrics
 
 log = structlog.get_logger("streamer.sources.resume")
 Doc = dict[str, Any]
+#: When a stream's history was lost (epoch seconds): kept for good in its position.
+LOST_AT = "history_lost_at"
 
 
 def token_time(token: Mapping[str, Any] | None) -> float | None:
@@ -63,6 +68,13 @@ def _event_order(token: Mapping[str, Any]) -> str:
     """`_data` starts with the cluster time (seconds, then the increment within the
     second) in big-endian hex: as strings, tokens sort by the event they mark."""
     return str(token.get("_data", ""))
+
+
+def _read_everything_after(doc: Doc, since: float | None) -> bool:
+    lost_at = doc.get(LOST_AT)
+    if not isinstance(lost_at, int | float):
+        return True
+    return since is not None and lost_at < since
 
 
 def _later(token: Mapping[str, Any], than: Position) -> bool:
@@ -103,7 +115,19 @@ class ResumeTokens:
     async def save_start(self, stream: str, at: Timestamp) -> None:
         """Where a stream whose history was lost reopened, until its first batch is
         handled: a restart before then reopens there, not later, skipping nothing more."""
-        await self._save(stream, {"start_at": at}, unset="token")
+        await self._save(stream, {"start_at": at, LOST_AT: float(at.time)}, unset="token")
+
+    async def forget(self, stream: str) -> None:
+        """A position lost with no restart point known: none is kept, but the loss is
+        (other instances must not follow this one across it)."""
+        await self._state.update_one(
+            {"_id": self.key(stream)},
+            {
+                "$set": {LOST_AT: time.time(), "stream": stream},
+                "$unset": {"token": "", "start_at": ""},
+            },
+            upsert=True,
+        )
 
     async def _save(self, stream: str, position: Doc, unset: str) -> None:
         now = time.time()
@@ -123,10 +147,17 @@ class ResumeTokens:
 
     async def newer_elsewhere(self, stream: str, than: Position) -> Mapping[str, Any] | None:
         """The latest token another instance saved for this stream, if it is later than
-        `than` (or `than` is unknown); not tracked."""
+        `than` (or `than` is unknown); not tracked.
+
+        An instance that lost its history went on from "now": what came between its
+        old position and then was read by nobody, so it is followed only by an
+        instance whose own position is past that loss.
+        """
         docs = await self._saved(
             {"stream": stream, "_id": {"$regex": "^resume:", "$ne": self.key(stream)}}
         )
+        if than != Position():
+            docs = [doc for doc in docs if _read_everything_after(doc, than.time())]
         newest = max(docs, key=lambda doc: _event_order(doc["token"]), default=None)
         if newest is None or not _later(newest["token"], than):
             return None

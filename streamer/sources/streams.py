@@ -229,6 +229,9 @@ class Sources:
             ),
         ]  # fmt: skip
         self._open: set[str] = set()
+        #: Streams opened since this process started: only a start follows another
+        #: instance's position, not a reconnect (this one's own is current then).
+        self._opened_once: set[str] = set()
         self._lags = {stream.name: Lag() for stream in self.streams}
         for name, lag in self._lags.items():
             metrics.STREAM_LAG.labels(name).set_function(lag)
@@ -313,7 +316,9 @@ class Sources:
         carried = position == Position() and bool(stream.carries)
         if carried:
             position = Position(await self._tokens.oldest(stream.carries))
-        if position == Position() or stream.follows_the_furthest:
+        first_open = stream.name not in self._opened_once
+        self._opened_once.add(stream.name)
+        if position == Position() or (stream.follows_the_furthest and first_open):
             newer = await self._tokens.newer_elsewhere(stream.name, position)
             position = position if newer is None else Position(newer)
         changes, batch = await self._open_stream(stream, position)
@@ -466,7 +471,7 @@ class Sources:
         if now is not None:
             await self._tokens.save_start(stream.name, now)
         else:
-            await self._tokens.drop(stream.name)
+            await self._tokens.forget(stream.name)
         if stream.keeps_caches:
             await self._directory.reload()
 
