@@ -137,11 +137,13 @@ async def run(config: Config, shutdown: anyio.Event | None = None) -> int:
         async with daemon.serving_http():
             await claim.acquire()  # before the queue loads: its leases are this id's
             try:
-                async with daemon.resources(), anyio.create_task_group() as tg:
-                    tg.start_soon(daemon.watch_signals, shutdown, tg.cancel_scope)
-                    tg.start_soon(claim.keep)
-                    await daemon.run(shutdown)
-                    tg.cancel_scope.cancel()
+                async with anyio.create_task_group() as held:
+                    held.start_soon(claim.keep)  # from now: loading can take seconds
+                    async with daemon.resources(), anyio.create_task_group() as tg:
+                        tg.start_soon(daemon.watch_signals, shutdown, tg.cancel_scope)
+                        await daemon.run(shutdown)
+                        tg.cancel_scope.cancel()
+                    held.cancel_scope.cancel()
             finally:
                 with (
                     anyio.CancelScope(shield=True),

@@ -58,33 +58,41 @@ class InstanceClaim:
         self._stale_ms = int(stale_after * 1000)
 
     async def acquire(self) -> None:
-        """Wait until this process holds the instance_id."""
+        """Wait until this process holds the instance_id (through MongoDB outages too)."""
         warned_at = -REPEAT_WARNING
-        while not await self._try_claim():
-            if time.monotonic() - warned_at >= REPEAT_WARNING:
-                warned_at = time.monotonic()
-                await self._say_who_holds_it()
+        while True:
+            try:
+                if await self._try_claim():
+                    return
+                if time.monotonic() - warned_at >= REPEAT_WARNING:
+                    warned_at = time.monotonic()
+                    await self._say_who_holds_it()
+            except PyMongoError as exc:
+                log.warning("instance_claim_failed", error=type(exc).__name__)
             await anyio.sleep(self._interval)
 
     async def keep(self) -> None:
-        """Heartbeat for ever; raises InstanceTakenOver once another process holds it.
+        """Heartbeat for ever, from right after `acquire` (loading included: a holder
+        that went quiet while it loads would look stale); raises InstanceTakenOver once
+        another process holds the id.
 
-        A MongoDB error skips a beat: while MongoDB is away nobody can take it.
+        A MongoDB error skips a beat. A claim that vanished (its collection cleared)
+        is taken again: only another process's claim means a takeover.
         """
         while True:
-            await anyio.sleep(self._interval)
             try:
                 result = await self._state.update_one(
                     {"_id": self._key, "nonce": self._nonce}, [{"$set": {"seen_at": "$$NOW"}}]
                 )
+                if result.matched_count == 0 and not await self._try_claim():
+                    raise InstanceTakenOver(
+                        f"instance_id {self._instance_id!r} was taken by another process while "
+                        "this one was not heartbeating; give each process its own "
+                        "[app] instance_id"
+                    )
             except PyMongoError as exc:
                 log.warning("instance_heartbeat_failed", error=type(exc).__name__)
-                continue
-            if result.matched_count == 0:
-                raise InstanceTakenOver(
-                    f"instance_id {self._instance_id!r} was taken by another process while "
-                    "this one was not heartbeating; give each process its own [app] instance_id"
-                )
+            await anyio.sleep(self._interval)
 
     async def release(self) -> None:
         await self._state.delete_one({"_id": self._key, "nonce": self._nonce})

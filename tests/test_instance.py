@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from structlog.testing import capture_logs
 
 from streamer.instance import InstanceClaim, InstanceTakenOver
+from tests.failpoints import failing_commands
 
 pytestmark = pytest.mark.anyio
 STATE = "streamer_state"
 #: Short beats so the tests are quick; "stale" is a few missed beats.
 FAST = {"interval": 0.05, "stale_after": 1.0}
+#: An election in progress: a transient error pymongo does not retry by itself here.
+NOT_PRIMARY = 10107
 
 
 def claim(db: AsyncDatabase[dict[str, object]], instance_id: str = "streamer-1") -> InstanceClaim:
@@ -66,3 +70,35 @@ async def test_a_crashed_holder_is_taken_over_once_its_heartbeat_is_stale(
         await restarted.acquire()
     with anyio.fail_after(10), pytest.raises(InstanceTakenOver):
         await crashed.keep()  # frozen, not dead: it must stop when it wakes
+
+
+async def test_a_claim_cleared_away_is_taken_again_not_taken_for_a_takeover(
+    db: AsyncDatabase[dict[str, object]],
+) -> None:
+    """An operator emptying the state collection must not stop a lone instance."""
+    holder = claim(db)
+    await holder.acquire()
+    await db[STATE].delete_many({})
+    with anyio.move_on_after(0.5):  # a negative: some beats, none of which may raise
+        await holder.keep()
+    assert await db[STATE].count_documents({"_id": "instance:streamer-1"}) == 1
+
+
+async def test_waiting_for_the_id_outlasts_a_mongodb_error(
+    db: AsyncDatabase[dict[str, object]], mongo: AsyncMongoClient[dict[str, object]]
+) -> None:
+    """An election while a second process waits is no reason for it to exit."""
+    async with failing_commands(mongo, failCommands=["update"], errorCode=NOT_PRIMARY):
+        waiting = anyio.Event()
+
+        async def acquire() -> None:
+            await claim(db).acquire()
+            waiting.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(acquire)
+            await anyio.sleep(0.3)  # a negative: it must neither have claimed nor failed
+            assert not waiting.is_set()
+            tg.cancel_scope.cancel()
+    with anyio.fail_after(10):
+        await claim(db).acquire()
