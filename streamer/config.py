@@ -316,16 +316,17 @@ def _split_uri(uri: str) -> tuple[str, str | None, str, list[tuple[str, str, str
     """(scheme and '://', userinfo, hosts and path, options) as pymongo splits a URI:
     the userinfo ends at the last '@' before the first '/', so an unescaped '#' or
     '?' in a password is still the password's. An unescaped '/' in it makes the URI
-    one pymongo refuses, but it must stay hidden all the same: then an '@' after the
-    first '/' ends the userinfo."""
+    one pymongo refuses, but it must stay hidden all the same: then the last '@'
+    before the options ends the userinfo."""
     scheme, sep, rest = uri.partition("://")
     if not sep:
         return "", None, uri, []
     hosts, slash, path = rest.partition("/")
-    if "@" not in hosts and "@" in path:
-        userinfo, _, after = rest.rpartition("@")
-        hosts, slash, path = after.partition("/")
-        hosts = f"{userinfo}@{hosts}"
+    database = path.partition("?")[0]
+    if "@" in database:  # not in the options: an X.509 key file may be a@b.pem
+        cut = rest.rindex("@", 0, len(hosts) + len(slash) + len(database))
+        hosts, slash, path = rest[cut + 1 :].partition("/")
+        hosts = f"{rest[:cut]}@{hosts}"
     userinfo, at, hosts = hosts.rpartition("@")
     path, _, query = path.partition("?")
     options = [option.partition("=") for option in query.replace(";", "&").split("&") if option]

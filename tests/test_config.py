@@ -150,6 +150,13 @@ def test_redaction_hides_passwords_keeps_the_rest() -> None:
          "mongodb://db/?authMechanism=MONGODB-AWS&authMechanismProperties=***",
          ["AWS_SESSION_TOKEN:t0k"]),
         ("mongodb://u@db:27017/", "mongodb://u@db:27017/", []),
+        # An '@' in an option (an X.509 key file) is not the end of a userinfo.
+        ("mongodb://db:27017/?tls=true&tlsCertificateKeyFile=/etc/c@prod.pem"
+         "&tlsCertificateKeyFilePassword=k3y",
+         "mongodb://db:27017/?tls=true&tlsCertificateKeyFile=/etc/c@prod.pem"
+         "&tlsCertificateKeyFilePassword=***", ["k3y"]),
+        # Unescaped '/' (and '@') in a password: pymongo refuses it, and it stays hidden.
+        ("mongodb://u:p@ss/w0rd@db/app?x=1", "mongodb://u:***@db/app?x=1", ["p@ss/w0rd"]),
     ],
 )  # fmt: skip
 def test_uri_redaction_reads_the_uri_as_the_driver_does(
