@@ -224,7 +224,8 @@ class Courier:
     async def _email(self, entry: Entry, message: Message) -> Result:
         settings = await self._ingest.settings()
         server = SmtpServer.resolve(self._config.email, settings)
-        if server is None:
+        if server is None:  # mail switched off: a refused login is no problem any more
+            self._sender.credentials.answered("email")
             return "smtp_not_configured"
         users = await self._directory.users({entry.uid, message.sender.id})
         recipient = users.get(entry.uid)
