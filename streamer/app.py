@@ -134,15 +134,14 @@ async def run(config: Config, shutdown: anyio.Event | None = None) -> int:
     async with _connected(config) as client:
         daemon = Daemon(config, client[config.mongo.database])
         claim = InstanceClaim(daemon.db[config.mongo.state_collection], daemon.instance_id)
-        async with daemon.serving_http():
+        async with daemon.serving_http(), anyio.create_task_group() as tg:
+            tg.start_soon(daemon.watch_signals, shutdown, tg.cancel_scope)
             await claim.acquire()  # before the queue loads: its leases are this id's
             try:
                 async with anyio.create_task_group() as held:
                     held.start_soon(claim.keep)  # from now: loading can take seconds
-                    async with daemon.resources(), anyio.create_task_group() as tg:
-                        tg.start_soon(daemon.watch_signals, shutdown, tg.cancel_scope)
+                    async with daemon.resources():
                         await daemon.run(shutdown)
-                        tg.cancel_scope.cancel()
                     held.cancel_scope.cancel()
             finally:
                 with (
@@ -151,6 +150,7 @@ async def run(config: Config, shutdown: anyio.Event | None = None) -> int:
                     suppress(PyMongoError),
                 ):
                     await claim.release()  # a restart under this id need not wait
+            tg.cancel_scope.cancel()
     if daemon.forced:
         return EXIT_FAILURE
     log.info("stopped")
@@ -165,6 +165,8 @@ class Daemon:
         self.db = db
         self.instance_id = config.app.instance_id or f"{socket.gethostname()}-{os.getpid()}"
         self.forced = False
+        #: From the start of delivery on, a stop drains; before it, there is nothing to drain.
+        self.running = False
         self.health = Health()
         #: Where /metrics, /livez and /readyz answer (`host:port`), once serving.
         self.http_address = ""
@@ -228,6 +230,7 @@ class Daemon:
         return {"apn": gateway, "gcm": gateway}
 
     async def run(self, shutdown: anyio.Event) -> None:
+        self.running = True
         sources = Sources(
             self.db,
             self.config,
@@ -253,10 +256,20 @@ class Daemon:
             tg.cancel_scope.cancel()
 
     async def watch_signals(self, shutdown: anyio.Event, everything: anyio.CancelScope) -> None:
-        """The first SIGTERM/SIGINT drains; a second one cancels everything at once."""
+        """The first SIGTERM/SIGINT drains; a second one cancels everything at once.
+
+        Listening from start-up: a stop while waiting for the instance_id or loading has
+        nothing to drain and ends it at once (as PID 1 in a container, a signal without
+        a handler would be ignored until the runtime's SIGKILL).
+        """
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 name = signal.Signals(signum).name
+                if not self.running:
+                    log.info("shutdown_requested", signal=name, during="start-up")
+                    _exit_unless_stopped_within(FORCED_EXIT_AFTER, "shutdown_forced_exit")
+                    everything.cancel()
+                    return
                 if shutdown.is_set():
                     log.warning("shutdown_forced", signal=name)
                     self.forced = True

@@ -264,3 +264,18 @@ def test_a_second_process_under_the_same_instance_id_waits_for_the_first(
             world.say(world.dm, "one of us is enough")
             stub.wait_for(1, GCM, timeout=30)
             assert second.terminate() == 0
+
+
+def test_a_stop_while_waiting_for_the_instance_id_ends_the_process_cleanly(
+    tmp_path: Path, mongo_uri: str, db_name: str, gateway: tuple[StubApp, str]
+) -> None:
+    """Nothing to drain yet; and as PID 1 in a container, a signal nobody handles is
+    ignored until the runtime gives up and kills."""
+    same = {"instance_id": '"streamer-1"'}
+    config = write_config(tmp_path / "config.toml", mongo_uri, db_name, gateway[1], app=same)
+    with Daemon(config) as first:
+        first.wait_for_log("started", timeout=60)
+        with Daemon(config) as second:
+            second.wait_for_log("instance_id_in_use", timeout=60)
+            assert second.terminate(timeout=10) == 0
+        assert first.terminate() == 0
