@@ -9,8 +9,11 @@ INFO lines carry request URLs, where APNs puts the device token.
 
 from __future__ import annotations
 
+import datetime as dt
+import enum
 import logging
 import sys
+import uuid
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
@@ -21,6 +24,8 @@ from streamer.config import REDACTED, LogConfig
 
 #: Least level of the standard library's records that are written.
 LIBRARY_LEVEL = logging.WARNING
+#: Values orjson renders itself, holding no free text a secret could hide in.
+NATIVE = (bool, int, float, dt.date, dt.time, uuid.UUID, enum.Enum)
 
 
 def configure_logging(config: LogConfig, secrets: Iterable[str] = ()) -> None:
@@ -101,6 +106,6 @@ class _Scrubber:
             return {key: self._scrub(item) for key, item in value.items()}
         if isinstance(value, list | tuple):
             return [self._scrub(item) for item in value]
-        if value is None or isinstance(value, bool | int | float):
-            return value
+        if value is None or isinstance(value, NATIVE):
+            return value  # orjson writes these itself, the same with or without secrets
         return self._scrub(str(value))  # as the renderer would write it

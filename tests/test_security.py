@@ -278,7 +278,7 @@ def test_log_lines_and_tracebacks_are_scrubbed(log_format: str) -> None:
 
 
 LIBRARY_LOGS = """
-import logging, warnings
+import datetime, logging, warnings
 import structlog
 from streamer.config import load_config, secret_values
 from streamer.observability import configure_logging
@@ -292,7 +292,8 @@ except ValueError:
     logging.getLogger("aiohttp.server").exception("Error handling request")
 logging.getLogger("httpx").info("HTTP Request: POST https://api.push.apple.com/3/device/x")
 warnings.warn(f"an option was ignored: {secret}", UserWarning)
-structlog.get_logger("probe").warning("quoted", error=f"failed with {secret}")
+when = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+structlog.get_logger("probe").warning("quoted", error=f"failed with {secret}", at=when)
 """
 
 
@@ -318,6 +319,7 @@ def test_library_logs_and_warnings_are_json_lines_and_scrubbed() -> None:
     assert "ValueError" in library["exception"] and library["level"] == "error"
     assert warning["logger"] == "py.warnings" and "UserWarning" in warning["event"]
     assert ours["event"] == "quoted" and ours["error"] == f"failed with {REDACTED}"
+    assert ours["at"] == "2026-01-01T00:00:00+00:00"  # as orjson writes it without secrets
     assert_absent([quoted, quoted.replace("\\", "\\\\")], result.stdout)
 
 
