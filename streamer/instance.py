@@ -35,6 +35,8 @@ HEARTBEAT_INTERVAL = 2.0
 STALE_AFTER = 10.0
 #: Seconds between repeats of the "in use" line while waiting.
 REPEAT_WARNING = 60.0
+#: Claims quiet this long (ms) belong to processes long gone: cleared at a start.
+FORGET_AFTER_MS = 24 * 3600 * 1000
 
 
 class InstanceTakenOver(Exception):
@@ -63,6 +65,7 @@ class InstanceClaim:
         while True:
             try:
                 if await self._try_claim():
+                    await self._forget_long_dead()
                     return
                 if time.monotonic() - warned_at >= REPEAT_WARNING:
                     warned_at = time.monotonic()
@@ -96,6 +99,12 @@ class InstanceClaim:
 
     async def release(self) -> None:
         await self._state.delete_one({"_id": self._key, "nonce": self._nonce})
+
+    async def _forget_long_dead(self) -> None:
+        """Every crash under the default id (hostname and pid) leaves a claim nobody will
+        free; a day on, it is cleared."""
+        dead = {"$lt": ["$seen_at", {"$subtract": ["$$NOW", FORGET_AFTER_MS]}]}
+        await self._state.delete_many({"_id": {"$regex": "^instance:"}, "$expr": dead})
 
     async def _try_claim(self) -> bool:
         """Free or ours: one upsert. Someone else's: taken only if its heartbeat is stale

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import anyio
 import pytest
 from pymongo import AsyncMongoClient
@@ -102,3 +104,20 @@ async def test_waiting_for_the_id_outlasts_a_mongodb_error(
             tg.cancel_scope.cancel()
     with anyio.fail_after(10):
         await claim(db).acquire()
+
+
+async def test_claims_of_processes_long_gone_are_cleared_at_a_start(
+    db: AsyncDatabase[dict[str, object]],
+) -> None:
+    """A crash under the default id (hostname and pid) leaves a claim no one frees."""
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
+    recently = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    await db[STATE].insert_many(
+        [
+            {"_id": "instance:host-101", "nonce": "x", "seen_at": long_ago},
+            {"_id": "instance:host-102", "nonce": "y", "seen_at": recently},
+        ]
+    )
+    await claim(db, "host-103").acquire()
+    left = sorted([doc["_id"] async for doc in db[STATE].find()])  # type: ignore[type-var]
+    assert left == ["instance:host-102", "instance:host-103"]
