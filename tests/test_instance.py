@@ -119,5 +119,5 @@ async def test_claims_of_processes_long_gone_are_cleared_at_a_start(
         ]
     )
     await claim(db, "host-103").acquire()
-    left = sorted([doc["_id"] async for doc in db[STATE].find()])  # type: ignore[type-var]
+    left = sorted([str(doc["_id"]) async for doc in db[STATE].find()])
     assert left == ["instance:host-102", "instance:host-103"]
