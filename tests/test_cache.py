@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -137,21 +138,29 @@ class CommandCounter(monitoring.CommandListener):
         pass
 
 
+@asynccontextmanager
+async def counted(
+    mongo_uri: str, db: AsyncDatabase[Doc]
+) -> AsyncIterator[tuple[CommandCounter, AsyncDatabase[Doc]]]:
+    """`db` through a client of its own whose commands are counted."""
+    counter = CommandCounter()
+    client: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_uri, event_listeners=[counter])
+    try:
+        yield counter, client[db.name]
+    finally:
+        await client.close()
+
+
 async def test_login_tokens_and_room_lists_never_leave_mongodb(
     mongo_uri: str, db: AsyncDatabase[Doc]
 ) -> None:
     """Every users query names its fields, cached or not: `services` holds login
     tokens and password hashes, `__rooms` thousands of ids."""
     await seed(db)
-    counter = CommandCounter()
-    client: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_uri, event_listeners=[counter])
-    try:
-        watched = client[db.name]
+    async with counted(mongo_uri, db) as (counter, watched):
         cached = await loaded(watched)
         await cached.users([CAROL["_id"]])  # offline: not loaded at start
         await DatabaseDirectory(watched).users([ALICE["_id"], BOB["_id"]])
-    finally:
-        await client.close()
     assert len(counter.user_projections) >= 3
     for projection in counter.user_projections:
         assert isinstance(projection, dict) and "username" in projection
@@ -162,10 +171,7 @@ async def test_prefetch_loads_a_batch_of_rooms_in_one_query_per_kind(
     mongo_uri: str, db: AsyncDatabase[Doc]
 ) -> None:
     await seed(db)
-    counter = CommandCounter()
-    client: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_uri, event_listeners=[counter])
-    try:
-        watched = client[db.name]
+    async with counted(mongo_uri, db) as (counter, watched):
         cached = await loaded(watched)
         counter.commands.clear()
         await cached.prefetch({"GENERAL", "random", "DM", "missing"})
@@ -184,8 +190,6 @@ async def test_prefetch_loads_a_batch_of_rooms_in_one_query_per_kind(
                 k: by_id(v) for k, v in expected.items()
             }
         assert counter.commands == []
-    finally:
-        await client.close()
 
 
 async def test_prefetch_leaves_devices_of_a_large_room_to_the_decision(

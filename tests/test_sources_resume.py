@@ -24,7 +24,7 @@ from pymongo.errors import (
 from structlog.testing import capture_logs
 
 from streamer import devmongo
-from streamer.config import AppConfig
+from streamer.config import AppConfig, Config
 from streamer.model import MESSAGES, SETTINGS, SUBSCRIPTIONS
 from streamer.sources.events import MessageInserted
 from streamer.sources.resume import ResumeTokens
@@ -151,24 +151,28 @@ async def test_a_renamed_instance_picks_up_where_the_old_name_left_off(
     assert await saved_token(db, "resume:host1:messages") is not None
 
 
+ONE = dataclasses.replace(CONFIG, app=AppConfig(instance_id="one"))
+TWO = dataclasses.replace(CONFIG, app=AppConfig(instance_id="two"))
+
+
+async def run_until_handled(db: AsyncDatabase[Doc], config: Config, message: Doc) -> Recorder:
+    """An instance started, `message` inserted, handled, and the instance stopped."""
+    recorder = Recorder()
+    async with running(db, recorder, config=config):
+        await db[MESSAGES].insert_one(message)
+        await wait_until(lambda: message["_id"] in recorder.messages)
+    return recorder
+
+
 async def test_a_restarted_instance_resumes_messages_where_another_got_further(
     db: AsyncDatabase[Doc],
 ) -> None:
     """What another instance read while this one was down it queued durably (delivered
     since, perhaps): read again, emails, which no ledger guards, would go out twice."""
     early, missed, later = (f.message(GENERAL, ALICE, text) for text in ("a", "b", "c"))
-    one = dataclasses.replace(CONFIG, app=AppConfig(instance_id="one"))
-    two = dataclasses.replace(CONFIG, app=AppConfig(instance_id="two"))
-    first, other, restarted = Recorder(), Recorder(), Recorder()
-    async with running(db, first, config=one):
-        await db[MESSAGES].insert_one(early)
-        await wait_until(lambda: first.messages == [early["_id"]])
-    async with running(db, other, config=two):
-        await db[MESSAGES].insert_one(missed)
-        await wait_until(lambda: missed["_id"] in other.messages)
-    async with running(db, restarted, config=one):
-        await db[MESSAGES].insert_one(later)
-        await wait_until(lambda: later["_id"] in restarted.messages)
+    await run_until_handled(db, ONE, early)
+    await run_until_handled(db, TWO, missed)
+    restarted = await run_until_handled(db, ONE, later)
     assert restarted.messages == [later["_id"]]
 
 
@@ -188,19 +192,13 @@ async def test_a_restarted_instance_does_not_follow_another_across_its_lost_hist
     "now": messages before that were read by nobody. Instance one, back with its own
     position still in the oplog, must read them itself rather than jump to two's."""
     early, gap, later = (f.message(GENERAL, ALICE, text) for text in ("a", "gap", "c"))
-    one = dataclasses.replace(CONFIG, app=AppConfig(instance_id="one"))
-    two = dataclasses.replace(CONFIG, app=AppConfig(instance_id="two"))
-    first, second, restarted = Recorder(), Recorder(), Recorder()
-    async with running(db, first, config=one):
-        await db[MESSAGES].insert_one(early)
-        await wait_until(lambda: first.messages == [early["_id"]])
+    await run_until_handled(db, ONE, early)
     await db[MESSAGES].insert_one(gap)  # one is down; two's stream is lost
     now = (await db.command("ping"))["operationTime"]
     await ResumeTokens(db[STATE], "two").save_start("messages", Timestamp(now.time, now.inc + 1))
-    async with running(db, second, config=two):  # goes on from where it reopened
-        await db[MESSAGES].insert_one(later)
-        await wait_until(lambda: later["_id"] in second.messages)
-    async with running(db, restarted, config=one):
+    await run_until_handled(db, TWO, later)  # two goes on from where it reopened
+    restarted = Recorder()
+    async with running(db, restarted, config=ONE):
         await wait_until(lambda: gap["_id"] in restarted.messages)
 
 
