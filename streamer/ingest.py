@@ -83,15 +83,11 @@ class Ingest:
             await self._queue.add(entries)
 
     async def on_reads(self, batch: Sequence[RoomRead | ThreadRead]) -> None:
-        for read in batch:
-            await self._queue.clear_read(read.uid, read.rid)
+        await self._queue.clear_reads([(read.uid, read.rid) for read in batch])
 
     async def on_presence(self, batch: Sequence[PresenceChanged]) -> None:
-        for change in batch:
-            if change.status == "offline":
-                moved = await self._queue.user_offline(change.uid)
-                if moved:
-                    log.info("queue_brought_forward", uid=change.uid, entries=moved)
+        offline = [change.uid for change in batch if change.status == "offline"]
+        await self._queue.users_offline(list(dict.fromkeys(offline)))
 
     async def _entries_for(self, message: Message, settings: Settings, now: float) -> list[Entry]:
         outcome = await decide_message(self._directory, message, settings, self._config, now)

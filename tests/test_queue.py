@@ -23,6 +23,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from streamer.config import QueueConfig
 from streamer.queue import EXPIRED, Entry, Queue, entry_id
 from tests.failpoints import failing_commands
+from tests.test_cache import CommandCounter
 
 pytestmark = pytest.mark.anyio
 
@@ -263,7 +264,7 @@ async def test_read_clears_all_rooms_of_the_user(
     await queue.add([entry(clock, rid="r1", due_in=60), entry(clock, rid="r2", due_in=60)])
     await queue.add([other_user])
     before = sample("streamer_queue_cleared_total")
-    assert await queue.clear_read("u1", "r1") == 2
+    assert await queue.clear_reads([("u1", "r1")]) == 2
     assert sample("streamer_queue_cleared_total") == before + 2
     assert [d["uid"] async for d in collection.find()] == ["u2"]
     clock.now += 60
@@ -277,7 +278,7 @@ async def test_read_clears_only_that_room_when_configured(
     queue = await make_queue(clear_on_read="room")
     other_room = entry(clock, rid="r2", due_in=60)
     await queue.add([entry(clock, rid="r1", due_in=60), other_room])
-    assert await queue.clear_read("u1", "r1") == 1
+    assert await queue.clear_reads([("u1", "r1")]) == 1
     clock.now += 60
     assert await deliver_all(queue, 1) == [other_room.mid]
 
@@ -289,7 +290,7 @@ async def test_going_offline_brings_delayed_entries_forward(
     first, second = entry(clock, due_in=120, age=2), entry(clock, due_in=100, age=1)
     stranger = entry(clock, uid="u2", due_in=120)
     await queue.add([first, second, stranger])
-    assert await queue.user_offline("u1") == 2
+    assert await queue.users_offline(["u1"]) == 2
     assert queue.next_due_at() == clock.now
     assert await deliver_all(queue, 2) == [first.mid, second.mid]
     assert queue.next_due_at() == stranger.due_at
@@ -301,7 +302,7 @@ async def test_going_offline_keeps_the_back_off_of_a_retry(
     queue = await make_queue()
     await queue.add([entry(clock)])
     await queue.retry(await take(queue), clock.now + 300, "gateway 503")
-    assert await queue.user_offline("u1") == 0
+    assert await queue.users_offline(["u1"]) == 0
     assert queue.next_due_at() == clock.now + 300
 
 
@@ -310,8 +311,34 @@ async def test_going_offline_changes_nothing_when_presence_rescheduling_is_off(
 ) -> None:
     queue = await make_queue(reschedule_on_presence=False)
     await queue.add([entry(clock, due_in=120)])
-    assert await queue.user_offline("u1") == 0
+    assert await queue.users_offline(["u1"]) == 0
     assert queue.next_due_at() == clock.now + 120
+
+
+async def test_a_batch_of_reads_or_of_users_going_offline_is_one_write(
+    mongo_uri: str, collection: AsyncCollection[Doc], clock: Clock
+) -> None:
+    """A Rocket.Chat restart sets every user offline at once: thousands of presence
+    changes in a batch, one round trip each would hold up the stream for seconds."""
+    commands = CommandCounter()
+    client: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_uri, event_listeners=[commands])
+    try:
+        queue = Queue(
+            client[collection.database.name][collection.name],
+            QueueConfig(),
+            instance_id="a",
+            clock=clock,
+        )
+        await queue.load()
+        users = [f"u{n}" for n in range(20)]
+        await queue.add([entry(clock, uid=uid, rid=f"r-{uid}", due_in=120) for uid in users])
+        commands.commands.clear()
+        assert await queue.users_offline(users[:10]) == 10
+        assert await queue.clear_reads([(uid, f"r-{uid}") for uid in users[10:]]) == 10
+        assert commands.commands == ["update", "delete"]
+        assert queue.next_due_at() == clock.now and len(queue) == 10
+    finally:
+        await client.close()
 
 
 async def test_processing_an_entry_sends_the_users_others_first_in_creation_order(

@@ -153,28 +153,32 @@ class Queue:
             await self._resync(unknown)
         self._changed_now()
 
-    async def clear_read(self, uid: str, rid: str) -> int:
-        """The user read `rid`: remove their queued entries (all, or that room's)."""
-        if self._config.clear_on_read == "room":
-            cleared = await self._store.delete_room(uid, rid)
-            removed = self._schedule.remove_room(uid, rid)
-        else:
-            cleared = await self._store.delete_user(uid)
-            removed = self._schedule.remove_user(uid)
-        for key in removed:  # an owned entry is in the schedule until it is taken
-            self._owned.pop(key, None)
+    async def clear_reads(self, reads: Sequence[tuple[str, str]]) -> int:
+        """Users read rooms (uid, rid): remove their queued entries (all of the user's, or
+        that room's), in one write for the batch."""
+        whole_user = self._config.clear_on_read != "room"
+        cleared = await self._store.delete_read(reads, whole_user=whole_user)
+        for uid, rid in reads:
+            if whole_user:
+                removed = self._schedule.remove_user(uid)
+            else:
+                removed = self._schedule.remove_room(uid, rid)
+            for key in removed:  # an owned entry is in the schedule until it is taken
+                self._owned.pop(key, None)
+            if removed:
+                log.info("queue_cleared_on_read", uid=uid, rid=rid, cleared=len(removed))
         metrics.QUEUE_CLEARED.inc(cleared)
-        if cleared:
-            log.info("queue_cleared_on_read", uid=uid, rid=rid, cleared=cleared)
         return cleared
 
-    async def user_offline(self, uid: str) -> int:
-        """The user went offline: their delayed entries are due now."""
-        if not self._config.reschedule_on_presence:
+    async def users_offline(self, uids: list[str]) -> int:
+        """The users went offline: their delayed entries are due now (one write)."""
+        if not self._config.reschedule_on_presence or not uids:
             return 0
         now = self._clock()
-        moved = await self._store.bring_forward(uid, now)
-        self._schedule.bring_forward(uid, now)
+        moved = await self._store.bring_forward(uids, now)
+        for uid in uids:
+            if brought := self._schedule.bring_forward(uid, now):
+                log.info("queue_brought_forward", uid=uid, entries=brought)
         self._changed_now()
         return moved
 
@@ -304,7 +308,7 @@ class Queue:
         later = self._schedule.later(entry.uid, entry.due_at)
         if not any(s.due_at > now or s.created_at < entry.created_at for s in later):
             return False
-        moved = await self._store.bring_forward(entry.uid, entry.due_at)
+        moved = await self._store.bring_forward([entry.uid], entry.due_at)
         self._schedule.bring_forward(entry.uid, entry.due_at)
         if not moved or all(s.created_at >= entry.created_at for s in later):
             return False

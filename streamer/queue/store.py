@@ -270,18 +270,22 @@ class QueueStore:
         would make the queue's command rate, not the provider, the limit."""
         await self._deletes.run([DeleteOne({"_id": key})])
 
-    async def delete_user(self, uid: str) -> int:
-        result = await self.collection.delete_many({"uid": uid})
+    async def delete_read(self, reads: Sequence[tuple[str, str]], *, whole_user: bool) -> int:
+        """Delete what the reads clear: the users' entries, or those of the rooms read."""
+        if not reads:
+            return 0
+        if whole_user:
+            query: Doc = {"uid": {"$in": sorted({uid for uid, _ in reads})}}
+        else:
+            query = {"$or": [{"uid": uid, "rid": rid} for uid, rid in sorted(set(reads))]}
+        result = await self.collection.delete_many(query)
         return result.deleted_count
 
-    async def delete_room(self, uid: str, rid: str) -> int:
-        result = await self.collection.delete_many({"uid": uid, "rid": rid})
-        return result.deleted_count
-
-    async def bring_forward(self, uid: str, due_at: float) -> int:
-        """Move the user's entries due after `due_at` to `due_at` (retries keep their back-off)."""
+    async def bring_forward(self, uids: list[str], due_at: float) -> int:
+        """Move the users' entries due after `due_at` to `due_at` (retries keep their back-off)."""
         result = await self.collection.update_many(
-            {"uid": uid, "attempts": 0, "due_at": {"$gt": due_at}}, {"$set": {"due_at": due_at}}
+            {"uid": {"$in": list(uids)}, "attempts": 0, "due_at": {"$gt": due_at}},
+            {"$set": {"due_at": due_at}},
         )
         return result.modified_count
 
