@@ -9,6 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
+from bson import Timestamp
 from prometheus_client import REGISTRY
 from pymongo.asynchronous.database import AsyncDatabase
 from structlog.testing import capture_logs
@@ -19,7 +20,7 @@ from streamer.model import MESSAGES, PUSH_TOKENS, SETTINGS, SUBSCRIPTIONS, USERS
 from streamer.sources.cache import CachedDirectory
 from streamer.sources.changes import tunread_after
 from streamer.sources.events import MessageInserted, PresenceChanged, RoomRead, ThreadRead
-from streamer.sources.streams import Sources, StreamTuning
+from streamer.sources.streams import Lag, Sources, StreamTuning
 from tests import factories as f
 
 pytestmark = pytest.mark.anyio
@@ -364,3 +365,19 @@ def stream_lag(stream: str) -> float:
     return (
         REGISTRY.get_sample_value("streamer_change_stream_lag_seconds", {"stream": stream}) or 0.0
     )
+
+
+def test_the_lag_grows_while_the_stream_is_down_and_is_nothing_when_caught_up() -> None:
+    now = [1000.0]
+    lag = Lag(clock=lambda: now[0])
+    lag.handled([])
+    now[0] += 30
+    assert lag() == 0.0  # caught up at the last read, nothing since
+    lag.handled([])  # an empty read every second or so, the last one now
+    lag.interrupted()  # reconnecting
+    now[0] += 30
+    assert lag() == 30.0
+    lag.handling([{"clusterTime": Timestamp(1050, 1)}])
+    assert lag() == 10.0
+    lag.handled([{"clusterTime": Timestamp(1055, 1)}])
+    assert lag() == 5.0

@@ -164,26 +164,31 @@ class Route:
 
 
 class Lag:
-    """A stream's lag behind the oplog, read at scrape time: now minus the time of
-    the last change handled, and while a batch is being handled, of its first change,
-    so a handler stuck for minutes shows minutes instead of its last value."""
+    """How far a stream is behind the oplog, read at scrape time: now minus the time up
+    to which its changes are known handled. 0 while it is caught up (its last read
+    was empty); growing while a batch is being handled (from the batch's first
+    change), and while the stream is down (from where it stopped), so a stuck handler
+    or a stream reconnecting for minutes shows minutes instead of its last value."""
 
-    def __init__(self) -> None:
-        self._handling_since: float | None = None
-        self._last = 0.0
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._handled_up_to = clock()
+        self._caught_up = False
 
     def handling(self, batch: Sequence[Change]) -> None:
-        self._handling_since = meaning.change_time(batch[0])
+        self._caught_up = False
+        self._handled_up_to = meaning.change_time(batch[0])
 
     def handled(self, batch: Sequence[Change]) -> None:
         """An empty batch: caught up."""
-        self._handling_since = None
-        self._last = max(0.0, time.time() - meaning.change_time(batch[-1])) if batch else 0.0
+        self._caught_up = not batch
+        self._handled_up_to = meaning.change_time(batch[-1]) if batch else self._clock()
+
+    def interrupted(self) -> None:
+        self._caught_up = False
 
     def __call__(self) -> float:
-        if self._handling_since is None:
-            return self._last
-        return max(0.0, time.time() - self._handling_since)
+        return 0.0 if self._caught_up else max(0.0, self._clock() - self._handled_up_to)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -352,6 +357,7 @@ class Sources:
             await anyio.sleep(self._tuning.reconnect_initial)
         finally:
             self._open.discard(stream.name)
+            self._lags[stream.name].interrupted()
             await _close(changes)
 
     async def _deliver(
