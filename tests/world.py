@@ -93,13 +93,16 @@ def write_config(
     gateway_url: str,
     app: dict[str, Any] | None = None,
     delivery: dict[str, Any] | None = None,
+    email: dict[str, Any] | None = None,
     **queue: Any,
 ) -> Path:
-    """A config file as an operator writes it; `queue`, `app` and `delivery` add keys
-    (as TOML values) to those sections."""
-    queue_lines = "\n".join(f"{key} = {value}" for key, value in queue.items())
-    app_lines = "\n".join(f"{key} = {value}" for key, value in (app or {}).items())
-    delivery_lines = "\n".join(f"{key} = {value}" for key, value in (delivery or {}).items())
+    """A config file as an operator writes it; `queue`, `app`, `delivery` and `email`
+    add keys (as TOML values) to those sections."""
+
+    def lines(keys: dict[str, Any] | None) -> str:
+        return "\n".join(f"{key} = {value}" for key, value in (keys or {}).items())
+
+    queue_lines, app_lines, delivery_lines = lines(queue), lines(app), lines(delivery)
     path.write_text(
         f"""
 [mongo]
@@ -112,6 +115,8 @@ gateway_urls = ["{gateway_url}"]
 retry_initial = 0.1
 retry_max = 0.5
 {delivery_lines}
+[email]
+{lines(email)}
 [http]
 listen = "127.0.0.1:0"
 [log]
