@@ -7,6 +7,7 @@ from typing import Any
 
 import anyio
 import pytest
+from prometheus_client import REGISTRY
 from pymongo.asynchronous.database import AsyncDatabase
 from structlog.testing import capture_logs
 
@@ -32,6 +33,7 @@ async def test_the_change_that_breaks_its_handler_is_skipped_and_its_batch_still
     db: AsyncDatabase[Doc],
 ) -> None:
     recorder = Poisoned()
+    seen_before = REGISTRY.get_sample_value("streamer_messages_seen_total") or 0.0
     before = [f.message(GENERAL, ALICE, f"before {n}") for n in range(3)]
     poison = f.message(GENERAL, ALICE, "poison")
     after = [f.message(GENERAL, ALICE, f"after {n}") for n in range(3)]
@@ -44,6 +46,8 @@ async def test_the_change_that_breaks_its_handler_is_skipped_and_its_batch_still
     assert recorder.messages == [doc["_id"] for doc in [*before, *after, later]]
     skipped = [line for line in logs if line["event"] == "change_skipped"]
     assert [line["doc_id"] for line in skipped] == [poison["_id"]]
+    # Handed on again change by change, the batch still counts its messages once.
+    assert REGISTRY.get_sample_value("streamer_messages_seen_total") == seen_before + 8
     assert (skipped[0]["mid"], skipped[0]["rid"]) == (poison["_id"], poison["rid"])
 
 

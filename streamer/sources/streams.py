@@ -270,7 +270,6 @@ class Sources:
     # --- what each collection's changes do ----------------------------------------
 
     async def _messages(self, batch: Sequence[Change]) -> None:
-        metrics.MESSAGES_SEEN.inc(len(batch))
         inserted = meaning.messages_inserted(batch)
         if inserted:
             await self._on_messages(inserted)
@@ -368,6 +367,8 @@ class Sources:
         if batch:
             lag.handling(batch)  # and if it fails, still behind while it reconnects
             await self._handle(stream, batch)
+            if stream.collection == MESSAGES:  # once, however the batch was handled
+                metrics.MESSAGES_SEEN.inc(len(batch))
         lag.handled(batch)
         token = changes.resume_token
         quiet_for = time.time() - self._tokens.saved_at(stream.name)
