@@ -75,7 +75,7 @@ class Ingest:
         await self._directory.prefetch({event.message.rid for event in batch})
         entries: list[Entry] = []
         for event in batch:
-            entries += await self._entries_for(event.message, settings, now)
+            entries += await self._entries_for(event, settings, now)
             if len(entries) >= ADD_CHUNK:
                 await self._queue.add(entries)
                 entries = []
@@ -89,8 +89,15 @@ class Ingest:
         offline = [change.uid for change in batch if change.status == "offline"]
         await self._queue.users_offline(list(dict.fromkeys(offline)))
 
-    async def _entries_for(self, message: Message, settings: Settings, now: float) -> list[Entry]:
-        outcome = await decide_message(self._directory, message, settings, self._config, now)
+    async def _entries_for(
+        self, event: MessageInserted, settings: Settings, now: float
+    ) -> list[Entry]:
+        """Judged old or live as at its insert (the server's time, as Rocket.Chat judges
+        it in-process): a message inserted while the daemon was down or reconnecting
+        was live, and is late, not old. Delays run from `now`."""
+        outcome = await decide_message(
+            self._directory, event.message, settings, self._config, event.cluster_time
+        )
         return [
             self._entry(decision, kind, settings, now)
             for decision in outcome.decisions

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -58,3 +59,29 @@ async def test_a_batch_fanning_out_widely_is_queued_in_bounded_writes(
     await Ingest(directory, queue, config).on_messages(batch)
     assert sum(queue.writes) == 60 == await db["streamer_queue"].count_documents({})
     assert len(queue.writes) > 1 and max(queue.writes) < 25 + 10  # a chunk and one message
+
+
+async def test_a_message_is_judged_old_or_live_as_at_its_insert_not_when_it_is_read(
+    db: AsyncDatabase[Doc], sync_db: Database[Doc]
+) -> None:
+    """After the daemon was down for minutes, the messages inserted meanwhile were live
+    when inserted: they notify (late beats never). An import, whose timestamp was
+    already old at its insert, still does not (SPEC §3's "old imports / replays")."""
+    world = World(sync_db)
+    config = Config()
+    directory = CachedDirectory(db, db["streamer_state"], fallback=DatabaseDirectory(db))
+    await directory.load()
+    queue = Queue(db["streamer_queue"], config.queue, instance_id="a")
+    await queue.load()
+    now = time.time()
+    while_down = f.message(world.dm, world.alice, "sent while the daemon was down")
+    imported = f.message(world.dm, world.alice, "imported from elsewhere")
+    while_down["ts"] = dt.datetime.fromtimestamp(now - 300, dt.UTC)
+    imported["ts"] = dt.datetime.fromtimestamp(now - 600, dt.UTC)
+    batch = [
+        MessageInserted(Message.from_doc(while_down), cluster_time=now - 300),
+        MessageInserted(Message.from_doc(imported), cluster_time=now - 300),
+    ]
+    await Ingest(directory, queue, config, clock=lambda: now).on_messages(batch)
+    queued = {doc["mid"] async for doc in db["streamer_queue"].find()}
+    assert queued == {while_down["_id"]}
