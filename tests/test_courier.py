@@ -16,10 +16,9 @@ from streamer.delivery.errors import CredentialsError
 from streamer.delivery.http import InFlightCap
 from streamer.delivery.ledger import SentLedger
 from streamer.delivery.sender import PushSender
-from streamer.directory import DatabaseDirectory
 from streamer.ingest import Ingest
 from streamer.queue import Entry, Queue
-from streamer.sources.cache import CachedDirectory
+from tests.test_ingest import loaded
 from tests.world import World
 
 pytestmark = pytest.mark.anyio
@@ -34,10 +33,7 @@ async def test_switching_mail_off_clears_a_refused_smtp_login_from_readiness(
     world = World(sync_db)  # Rocket.Chat's default settings: no SMTP server
     message = world.say(world.dm, "mail me")
     config = Config()
-    directory = CachedDirectory(db, db["streamer_state"], fallback=DatabaseDirectory(db))
-    await directory.load()
-    queue = Queue(db["streamer_queue"], config.queue, instance_id="a")
-    await queue.load()
+    directory, queue = await loaded(db, Queue)
     sender = PushSender({}, db, config.delivery, cap=InFlightCap(1), ledger=SentLedger(db))
     sender.credentials.failed("email", CredentialsError("535 authentication failed"))
     now = time.time()

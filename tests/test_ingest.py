@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
@@ -24,6 +24,7 @@ from tests.world import World
 
 pytestmark = pytest.mark.anyio
 Doc = dict[str, Any]
+Q = TypeVar("Q", bound=Queue)
 
 
 class RecordingQueue(Queue):
@@ -38,6 +39,15 @@ class RecordingQueue(Queue):
         await super().add(entries)
 
 
+async def loaded(db: AsyncDatabase[Doc], queue_type: type[Q]) -> tuple[CachedDirectory, Q]:
+    """The caches and the queue of instance "a", loaded as at start-up."""
+    directory = CachedDirectory(db, db["streamer_state"], fallback=DatabaseDirectory(db))
+    await directory.load()
+    queue = queue_type(db["streamer_queue"], Config().queue, instance_id="a")
+    await queue.load()
+    return directory, queue
+
+
 async def test_a_batch_fanning_out_widely_is_queued_in_bounded_writes(
     db: AsyncDatabase[Doc], sync_db: Database[Doc], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -47,10 +57,7 @@ async def test_a_batch_fanning_out_widely_is_queued_in_bounded_writes(
     world = World(sync_db)
     world.add_offline_members(9)  # with bob, ten recipients per channel message
     config = Config()
-    directory = CachedDirectory(db, db["streamer_state"], fallback=DatabaseDirectory(db))
-    await directory.load()
-    queue = RecordingQueue(db["streamer_queue"], config.queue, instance_id="a")
-    await queue.load()
+    directory, queue = await loaded(db, RecordingQueue)
     now = time.time()
     batch = [
         MessageInserted(Message.from_doc(f.message(world.channel, world.alice, f"hi {n}")), now)
@@ -69,10 +76,7 @@ async def test_a_message_is_judged_old_or_live_as_at_its_insert_not_when_it_is_r
     already old at its insert, still does not (SPEC §3's "old imports / replays")."""
     world = World(sync_db)
     config = Config()
-    directory = CachedDirectory(db, db["streamer_state"], fallback=DatabaseDirectory(db))
-    await directory.load()
-    queue = Queue(db["streamer_queue"], config.queue, instance_id="a")
-    await queue.load()
+    directory, queue = await loaded(db, Queue)
     now = time.time()
     while_down = f.message(world.dm, world.alice, "sent while the daemon was down")
     imported = f.message(world.dm, world.alice, "imported from elsewhere")

@@ -23,7 +23,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from streamer.config import QueueConfig
 from streamer.queue import EXPIRED, Entry, Queue, entry_id
 from tests.failpoints import failing_commands
-from tests.test_cache import CommandCounter
+from tests.test_cache import counted
 
 pytestmark = pytest.mark.anyio
 
@@ -62,6 +62,13 @@ def make_queue(collection: AsyncCollection[Doc], clock: Clock) -> QueueFactory:
         return queue
 
     return make
+
+
+async def queue_a(db: AsyncDatabase[Doc], collection: AsyncCollection[Doc], clock: Clock) -> Queue:
+    """Instance "a" on `collection`, reached through `db` (another client's)."""
+    queue = Queue(db[collection.name], QueueConfig(), instance_id="a", clock=clock)
+    await queue.load()
+    return queue
 
 
 def entry(
@@ -320,16 +327,8 @@ async def test_a_batch_of_reads_or_of_users_going_offline_is_one_write(
 ) -> None:
     """A Rocket.Chat restart sets every user offline at once: thousands of presence
     changes in a batch, one round trip each would hold up the stream for seconds."""
-    commands = CommandCounter()
-    client: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_uri, event_listeners=[commands])
-    try:
-        queue = Queue(
-            client[collection.database.name][collection.name],
-            QueueConfig(),
-            instance_id="a",
-            clock=clock,
-        )
-        await queue.load()
+    async with counted(mongo_uri, collection.database) as (commands, db):
+        queue = await queue_a(db, collection, clock)
         users = [f"u{n}" for n in range(20)]
         await queue.add([entry(clock, uid=uid, rid=f"r-{uid}", due_in=120) for uid in users])
         commands.commands.clear()
@@ -337,8 +336,6 @@ async def test_a_batch_of_reads_or_of_users_going_offline_is_one_write(
         assert await queue.clear_reads([(uid, f"r-{uid}") for uid in users[10:]]) == 10
         assert commands.commands == ["update", "delete"]
         assert queue.next_due_at() == clock.now and len(queue) == 10
-    finally:
-        await client.close()
 
 
 async def test_processing_an_entry_sends_the_users_others_first_in_creation_order(
@@ -527,14 +524,7 @@ async def stalled_queue(
 ) -> AsyncIterator[Queue]:
     """Instance "a" over a client of its own, for `failing_commands(appName="stalled")`."""
     client: AsyncMongoClient[Doc] = AsyncMongoClient(mongo_uri, appName="stalled")
-    queue = Queue(
-        client[collection.database.name][collection.name],
-        QueueConfig(),
-        instance_id="a",
-        clock=clock,
-    )
-    await queue.load()
-    yield queue
+    yield await queue_a(client[collection.database.name], collection, clock)
     await client.close()
 
 
