@@ -24,7 +24,7 @@ import signal
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
-from contextlib import ExitStack, asynccontextmanager, suppress
+from contextlib import ExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
@@ -50,7 +50,7 @@ from streamer.health import Health, serve_http
 from streamer.ingest import Ingest
 from streamer.instance import InstanceClaim, InstanceTakenOver
 from streamer.model import Settings, TokenKind
-from streamer.mongo import mongo_client
+from streamer.mongo import cleanup_within, mongo_client
 from streamer.queue import Queue
 from streamer.sources.cache import CachedDirectory
 from streamer.sources.streams import Sources
@@ -144,11 +144,7 @@ async def run(config: Config, shutdown: anyio.Event | None = None) -> int:
                         await daemon.run(shutdown)
                     held.cancel_scope.cancel()
             finally:
-                with (
-                    anyio.CancelScope(shield=True),
-                    pymongo.timeout(RELEASE_TIMEOUT),
-                    suppress(PyMongoError),
-                ):
+                with cleanup_within(RELEASE_TIMEOUT):
                     await claim.release()  # a restart under this id need not wait
             tg.cancel_scope.cancel()
     if daemon.forced:
@@ -246,12 +242,7 @@ class Daemon:
             tg.start_soon(self.queue.keep_leases)
             log.info("started", instance_id=self.instance_id, http=self.http_address)
             await self.courier.run(shutdown)
-            # Bounded by pymongo's own deadline: cancelling it mid-wait breaks its pool.
-            with (
-                anyio.CancelScope(shield=True),
-                pymongo.timeout(RELEASE_TIMEOUT),
-                suppress(PyMongoError),
-            ):
+            with cleanup_within(RELEASE_TIMEOUT):
                 await self.queue.release_owned()
             tg.cancel_scope.cancel()
 

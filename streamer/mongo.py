@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
+import anyio
+import pymongo
 from pymongo import AsyncMongoClient
-from pymongo.errors import InvalidURI
+from pymongo.errors import InvalidURI, PyMongoError
 
 from streamer.config import ConfigError
 
@@ -28,3 +32,13 @@ def mongo_client(uri: str, *, server_selection_ms: int) -> AsyncMongoClient[Doc]
             f"[mongo] uri is not a valid MongoDB URI ({exc}): escape special characters "
             "in the user name and password (urllib.parse.quote_plus), e.g. / as %2F"
         ) from None
+
+
+@contextmanager
+def cleanup_within(seconds: float) -> Iterator[None]:
+    """For clean-up that must run even while being cancelled (a shutdown): shielded,
+    bounded by pymongo's own deadline rather than a cancel scope (cancelling pymongo
+    while it waits for a server breaks its topology lock, PYTHON-5167), and quiet
+    when MongoDB is gone."""
+    with anyio.CancelScope(shield=True), pymongo.timeout(seconds), suppress(PyMongoError):
+        yield

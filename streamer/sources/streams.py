@@ -38,7 +38,6 @@ then drops them.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -47,7 +46,6 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-import pymongo
 import structlog
 from bson import Timestamp
 from pymongo.asynchronous.change_stream import AsyncChangeStream
@@ -73,6 +71,7 @@ from streamer.model import (
     USER_FIELDS,
     USERS,
 )
+from streamer.mongo import cleanup_within
 from streamer.sources import changes as meaning
 from streamer.sources.cache import CachedDirectory
 from streamer.sources.events import MessageInserted, PresenceChanged, RoomRead, ThreadRead
@@ -484,16 +483,8 @@ class Sources:
 
 
 async def _close(changes: AsyncChangeStream[Doc]) -> None:
-    """Close even while being cancelled, so the server-side cursor is not left behind.
-
-    Bounded by pymongo's own deadline rather than a cancel scope: cancelling pymongo
-    while it waits for a server (MongoDB down) breaks its topology lock (PYTHON-5167).
-    """
-    with (
-        anyio.CancelScope(shield=True),
-        pymongo.timeout(CLOSE_TIMEOUT),
-        contextlib.suppress(PyMongoError),
-    ):
+    """Close even while being cancelled, so the server-side cursor is not left behind."""
+    with cleanup_within(CLOSE_TIMEOUT):
         await changes.close()
 
 
