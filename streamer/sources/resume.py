@@ -120,23 +120,19 @@ class ResumeTokens:
     async def forget(self, stream: str) -> None:
         """A position lost with no restart point known: none is kept, but the loss is
         (other instances must not follow this one across it)."""
-        await self._state.update_one(
-            {"_id": self.key(stream)},
-            {
-                "$set": {LOST_AT: time.time(), "stream": stream},
-                "$unset": {"token": "", "start_at": ""},
-            },
-            upsert=True,
-        )
+        await self._write(stream, {LOST_AT: time.time()}, unset=("token", "start_at"))
 
     async def _save(self, stream: str, position: Doc, unset: str) -> None:
         now = time.time()
+        await self._write(stream, {**position, "saved_at": now}, unset=(unset,))
+        self._track(stream, now)
+
+    async def _write(self, stream: str, fields: Doc, unset: tuple[str, ...]) -> None:
         await self._state.update_one(
             {"_id": self.key(stream)},
-            {"$set": {**position, "saved_at": now, "stream": stream}, "$unset": {unset: ""}},
+            {"$set": {**fields, "stream": stream}, "$unset": dict.fromkeys(unset, "")},
             upsert=True,
         )
-        self._track(stream, now)
 
     async def oldest(self, streams: Sequence[str]) -> Mapping[str, Any] | None:
         """The earliest by cluster time of these streams' saved tokens (not tracked:
