@@ -388,9 +388,11 @@ class CachedDirectory:
         try:
             await self._state.bulk_write(writes, ordered=True)
         except BaseException:
-            self._away.update({uid: since for uid, since in before.items() if since is not None})
-            for uid in [uid for uid, since in before.items() if since is None]:
-                self._away.pop(uid, None)
+            for uid, since in before.items():
+                if since is None:
+                    self._away.pop(uid, None)
+                else:
+                    self._away[uid] = since
             raise
 
     def token_changed(self, token_id: str, uid: str | None) -> None:
