@@ -469,6 +469,15 @@ def test_email_rules(scene: Scene, push: Reason, email: Reason) -> None:
         ("DIE STRAẞE IST ZU", "straße", True),
         ("ПРИВЕТ всем", "привет", True),
         ("the ﬁle is here", "file", False),
+        # JavaScript's `iu` keeps the Turkish dotless ı and dotted İ apart from i and I;
+        # Python's IGNORECASE joins all four. These are the only letters on which the two
+        # differ (every case pair in Unicode compared against node).
+        ("İstanbul'da", "istanbul", False),
+        ("KIRMIZI alarm", "kırmızı", False),
+        ("ıiı", "IIİ", False),
+        ("Istanbul", "istanbul", True),
+        ("İSTANBUL", "İstanbul", True),
+        ("kırmızı alarm", "kırmızı", True),
     ],
 )
 def test_highlights_are_case_insensitive_whole_words(
