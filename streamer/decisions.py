@@ -46,13 +46,16 @@ class MessageDecisions:
 async def decide_message(
     directory: Directory, message: Message, settings: Settings, config: Config, now: float
 ) -> MessageDecisions:
-    """Decide push and email for every member of the message's room; never raises on bad data."""
+    """Decide push and email for every member of the message's room; never raises on bad data.
+
+    Not counted in the metrics here: the caller counts (`decision_counts`) once what
+    it decided is queued, so a batch handed on again is not counted twice.
+    """
     try:
         result = await _decide_message(directory, message, settings, config, now)
     except _DATA_ERRORS as exc:
         log.error("decision_failed", mid=message.id, rid=message.rid, error=repr(exc))
         result = MessageDecisions(Reason.MALFORMED_DOCUMENT)
-    _count(result)
     _log(message, result)
     return result
 
@@ -228,12 +231,18 @@ async def _sender_is_agent(directory: Directory, message: Message, room: Room) -
     return await directory.subscription(message.sender.id, message.rid) is not None
 
 
-def _count(result: MessageDecisions) -> None:
-    """Count decisions by channel and reason, one metric update per distinct reason."""
+def decision_counts(result: MessageDecisions) -> Counter[tuple[str, str]]:
+    """(channel, reason code) → decisions: what `count_decisions` adds to the metric."""
     if result.skipped is not None:
-        metrics.DECISIONS.labels("message", result.skipped.code).inc()
-        return
-    counts = Counter((d.push_reason, d.email_reason) for d in result.decisions)
-    for (push, email), n in counts.items():
-        metrics.DECISIONS.labels("push", push.code).inc(n)
-        metrics.DECISIONS.labels("email", email.code).inc(n)
+        return Counter({("message", result.skipped.code): 1})
+    counts: Counter[tuple[str, str]] = Counter()
+    for decision in result.decisions:
+        counts["push", decision.push_reason.code] += 1
+        counts["email", decision.email_reason.code] += 1
+    return counts
+
+
+def count_decisions(counts: Counter[tuple[str, str]]) -> None:
+    """One metric update per distinct (channel, reason), however many recipients."""
+    for (channel, reason), n in counts.items():
+        metrics.DECISIONS.labels(channel, reason).inc(n)

@@ -8,12 +8,13 @@ already durable in the queue, and a replayed batch finds its entries already que
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 import structlog
 
 from streamer.config import Config, override_settings
-from streamer.decisions import decide_message, recheck
+from streamer.decisions import count_decisions, decide_message, decision_counts, recheck
 from streamer.model import Message, Settings
 from streamer.queue import Entry, Kind, Queue
 from streamer.queue.policy import due_at
@@ -70,17 +71,21 @@ class Ingest:
         return None if reason is None else reason.code
 
     async def on_messages(self, batch: Sequence[MessageInserted]) -> None:
+        """Decisions are counted once the whole batch is queued: a batch that fails is
+        handed on again (`streams._handle`), and is then decided a second time."""
         settings = await self.settings()
         now = self._clock()
         await self._directory.prefetch({event.message.rid for event in batch})
         entries: list[Entry] = []
+        counts: Counter[tuple[str, str]] = Counter()
         for event in batch:
-            entries += await self._entries_for(event, settings, now)
+            entries += await self._entries_for(event, settings, now, counts)
             if len(entries) >= ADD_CHUNK:
                 await self._queue.add(entries)
                 entries = []
         if entries:
             await self._queue.add(entries)
+        count_decisions(counts)
 
     async def on_reads(self, batch: Sequence[RoomRead | ThreadRead]) -> None:
         await self._queue.clear_reads([(read.uid, read.rid) for read in batch])
@@ -90,7 +95,11 @@ class Ingest:
         await self._queue.users_offline(list(dict.fromkeys(offline)))
 
     async def _entries_for(
-        self, event: MessageInserted, settings: Settings, now: float
+        self,
+        event: MessageInserted,
+        settings: Settings,
+        now: float,
+        counts: Counter[tuple[str, str]],
     ) -> list[Entry]:
         """Judged old or live as at its insert (the server's time, as Rocket.Chat judges
         it in-process): a message inserted while the daemon was down or reconnecting
@@ -98,6 +107,7 @@ class Ingest:
         outcome = await decide_message(
             self._directory, event.message, settings, self._config, event.cluster_time
         )
+        counts.update(decision_counts(outcome))
         return [
             self._entry(decision, kind, settings, now)
             for decision in outcome.decisions

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import time
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import pytest
+from prometheus_client import REGISTRY
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.database import Database
 
@@ -89,3 +91,41 @@ async def test_a_message_is_judged_old_or_live_as_at_its_insert_not_when_it_is_r
     await Ingest(directory, queue, config, clock=lambda: now).on_messages(batch)
     queued = {doc["mid"] async for doc in db["streamer_queue"].find()}
     assert queued == {while_down["_id"]}
+
+
+class BuggyQueue(Queue):
+    """The real queue with a bug met by one message's entries (see `_handle`'s replay)."""
+
+    poison = ""
+
+    async def add(self, entries: Sequence[Entry]) -> None:
+        if any(entry.mid == self.poison for entry in entries):
+            raise RuntimeError("a bug met by one message")
+        await super().add(entries)
+
+
+def decisions_counted() -> float:
+    (family,) = [m for m in REGISTRY.collect() if m.name == "streamer_decisions"]
+    return sum(sample.value for sample in family.samples)
+
+
+async def test_a_batch_handed_on_again_change_by_change_counts_each_decision_once(
+    db: AsyncDatabase[Doc], sync_db: Database[Doc]
+) -> None:
+    """A batch whose handler fails is handed on again change by change: the decisions
+    made the first time were never queued, and must not be counted twice."""
+    world = World(sync_db)
+    world.add_offline_members(2)  # with bob and alice, four per channel message
+    directory, queue = await loaded(db, BuggyQueue)
+    messages = [f.message(world.channel, world.alice, text) for text in ("a", "poison", "b")]
+    queue.poison = messages[1]["_id"]
+    events = [MessageInserted(Message.from_doc(doc), time.time()) for doc in messages]
+    ingest = Ingest(directory, queue, Config())
+    before = decisions_counted()
+    with pytest.raises(RuntimeError):
+        await ingest.on_messages(events)
+    for event in events:
+        with contextlib.suppress(RuntimeError):
+            await ingest.on_messages([event])
+    # Two messages queued, two channels (push, email) for each of four members.
+    assert decisions_counted() - before == 2 * 2 * 4
