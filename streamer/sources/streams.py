@@ -48,6 +48,7 @@ import anyio
 import anyio.lowlevel
 import structlog
 from bson import Timestamp
+from prometheus_client import Counter
 from pymongo.asynchronous.change_stream import AsyncChangeStream
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
@@ -152,6 +153,8 @@ class Stream:
     #: Resumes at another instance's position when that one is further: what it read
     #: before there is durably handled (queued), and this instance keeps no state of it.
     follows_the_furthest: bool = False
+    #: Counts the changes it reads, once each, however their batch was handled.
+    seen: Counter | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +228,7 @@ class Sources:
         self.streams = [
             Stream(
                 "messages", MESSAGES, _messages_pipeline(), None, self._messages,
-                follows_the_furthest=True,
+                follows_the_furthest=True, seen=metrics.MESSAGES_SEEN,
             ),
             Stream(
                 CHANGES, None, _pipeline(self._routes), "updateLookup", self._dispatch,
@@ -366,8 +369,8 @@ class Sources:
         if batch:
             lag.handling(batch)  # and if it fails, still behind while it reconnects
             await self._handle(stream, batch)
-            if stream.collection == MESSAGES:  # once, however the batch was handled
-                metrics.MESSAGES_SEEN.inc(len(batch))
+            if stream.seen is not None:
+                stream.seen.inc(len(batch))
         lag.handled(batch)
         token = changes.resume_token
         quiet_for = time.time() - self._tokens.saved_at(stream.name)
