@@ -28,7 +28,6 @@ from contextlib import ExitStack, asynccontextmanager
 from typing import Any
 
 import anyio
-import httpx
 import pymongo
 import structlog
 from pymongo import AsyncMongoClient
@@ -42,7 +41,7 @@ from streamer.delivery.apns import ApnsPushkin
 from streamer.delivery.base import Pushkin
 from streamer.delivery.fcm import FcmPushkin
 from streamer.delivery.gateway import GatewayPushkin, WorkspaceToken
-from streamer.delivery.http import InFlightCap, make_http_client
+from streamer.delivery.http import HttpClient, InFlightCap, make_http_client
 from streamer.delivery.ledger import SentLedger
 from streamer.delivery.sender import PushSender
 from streamer.directory import DatabaseDirectory
@@ -217,7 +216,7 @@ class Daemon:
                 for pushkin in set(pushkins.values()):
                     await pushkin.aclose()
 
-    def _pushkins(self, client: httpx.AsyncClient) -> Mapping[TokenKind, Pushkin]:
+    def _pushkins(self, client: HttpClient) -> Mapping[TokenKind, Pushkin]:
         if self.config.delivery.mode == "direct":
             return direct_pushkins(self.config, client, self.ingest.latest_settings)
         gateway = GatewayPushkin(
@@ -294,7 +293,7 @@ class Daemon:
 
 
 def direct_pushkins(
-    config: Config, client: httpx.AsyncClient, settings: Settings
+    config: Config, client: HttpClient, settings: Settings
 ) -> dict[TokenKind, Pushkin]:
     """White-labelled apps: FCM and/or APNs with the operator's own keys.
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -13,7 +12,7 @@ from streamer.config import DeliveryConfig
 from streamer.delivery.base import Device
 from streamer.delivery.errors import CredentialsError, Outcome, TemporaryDeliveryError
 from streamer.delivery.gateway import RECHECK, GatewayPushkin, WorkspaceToken
-from streamer.delivery.http import make_http_client
+from streamer.delivery.http import USER_AGENT, ProviderClient, make_http_client
 from streamer.delivery.payload import gateway_body
 from streamer.devmongo import free_port
 from streamer.model import SETTINGS, WORKSPACE_CREDENTIALS
@@ -60,14 +59,14 @@ async def store_workspace_token(
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
+async def client() -> AsyncIterator[ProviderClient]:
     async with make_http_client(DeliveryConfig(concurrency=8, timeout=0.5)) as http:
         yield http
 
 
 @pytest.fixture
 async def pushkin(
-    db: AsyncDatabase[Doc], client: httpx.AsyncClient, gateway_url: str
+    db: AsyncDatabase[Doc], client: ProviderClient, gateway_url: str
 ) -> GatewayPushkin:
     await store_workspace_token(db, "workspace-token-1")
     clock = Clock()
@@ -84,6 +83,7 @@ async def test_push_posts_the_exact_body_with_the_workspace_token(
     assert (request.method, request.path) == ("POST", f"/push/{device.kind}/send")
     assert request.headers["authorization"] == "Bearer workspace-token-1"
     assert request.headers["content-type"] == "application/json"
+    assert request.headers["user-agent"] == USER_AGENT
     assert request.json() == gateway_body(CONTENT, device)
 
 
@@ -154,7 +154,7 @@ async def test_a_hanging_gateway_times_out_as_temporary(
 
 @pytest.mark.anyio
 async def test_unreachable_gateway_fails_over_to_the_next_in_order(
-    db: AsyncDatabase[Doc], client: httpx.AsyncClient, gateway_url: str, stub: StubApp
+    db: AsyncDatabase[Doc], client: ProviderClient, gateway_url: str, stub: StubApp
 ) -> None:
     await store_workspace_token(db, "workspace-token-1")
     urls = [closed_url(), gateway_url]
@@ -165,7 +165,7 @@ async def test_unreachable_gateway_fails_over_to_the_next_in_order(
 
 @pytest.mark.anyio
 async def test_a_gateway_that_hung_up_after_the_request_is_not_failed_over(
-    db: AsyncDatabase[Doc], client: httpx.AsyncClient, gateway_url: str, stub: StubApp
+    db: AsyncDatabase[Doc], client: ProviderClient, gateway_url: str, stub: StubApp
 ) -> None:
     """It may have taken the push: the next gateway would send it a second time."""
     await store_workspace_token(db, "workspace-token-1")
@@ -179,7 +179,7 @@ async def test_a_gateway_that_hung_up_after_the_request_is_not_failed_over(
 
 @pytest.mark.anyio
 async def test_no_reachable_gateway_is_temporary(
-    db: AsyncDatabase[Doc], client: httpx.AsyncClient
+    db: AsyncDatabase[Doc], client: ProviderClient
 ) -> None:
     await store_workspace_token(db, "workspace-token-1")
     urls = [closed_url(), "gateway-without-scheme", closed_url()]
@@ -211,7 +211,7 @@ async def test_garbage_answers_never_crash(
     [Reply(404, b"<html>Not Found</html>"), Reply(301, headers={"location": "/"}), Reply(405)],
 )
 async def test_an_address_where_no_gateway_answers_is_passed_over_not_a_refusal(
-    db: AsyncDatabase[Doc], client: httpx.AsyncClient, gateway_url: str, stub: StubApp, wrong: Reply
+    db: AsyncDatabase[Doc], client: ProviderClient, gateway_url: str, stub: StubApp, wrong: Reply
 ) -> None:
     """A typo in Push_gateway must not drop every push as refused: the next gateway
     takes it, and with none left it is kept for a retry once the setting is fixed."""

@@ -6,7 +6,6 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable
 
 import anyio
-import httpx
 import pytest
 from prometheus_client import REGISTRY
 from pymongo import AsyncMongoClient
@@ -18,7 +17,7 @@ from streamer.config import DeliveryConfig
 from streamer.delivery.base import Device
 from streamer.delivery.errors import Outcome
 from streamer.delivery.gateway import GatewayPushkin, WorkspaceToken
-from streamer.delivery.http import InFlightCap, make_http_client
+from streamer.delivery.http import InFlightCap, ProviderClient, make_http_client
 from streamer.delivery.ledger import SENT_LEDGER, SentLedger
 from streamer.delivery.sender import (
     Attempts,
@@ -45,7 +44,7 @@ MakeSender = Callable[..., PushSender]
 
 
 @pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
+async def client() -> AsyncIterator[ProviderClient]:
     async with make_http_client(CONFIG) as http:
         yield http
 
@@ -57,7 +56,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 async def make_sender(
-    db: AsyncDatabase[Doc], client: httpx.AsyncClient, gateway_url: str, clock: Clock
+    db: AsyncDatabase[Doc], client: ProviderClient, gateway_url: str, clock: Clock
 ) -> AsyncIterator[MakeSender]:
     """A fresh sender per call, as after a restart: nothing shared but the database."""
     await store_workspace_token(db, "workspace-token-1")

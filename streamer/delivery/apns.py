@@ -30,6 +30,7 @@ from streamer.delivery.direct import (
     temporary_error,
 )
 from streamer.delivery.errors import CredentialsError, Outcome, is_temporary
+from streamer.delivery.http import HttpClient, ProviderClient
 
 PROVIDER = "apns"
 PRODUCTION_URL = "https://api.push.apple.com"
@@ -91,7 +92,7 @@ class ApnsPushkin:
         config: ApnsConfig,
         *,
         production: bool,
-        client: httpx.AsyncClient | None = None,
+        client: HttpClient | None = None,
         clock: Clock = time.time,
         timeout: float = 10.0,
     ) -> None:
@@ -106,7 +107,9 @@ class ApnsPushkin:
             "/"
         )
         self._owns_client = client is None
-        self._client = client or httpx.AsyncClient(http2=True, timeout=timeout)
+        self._client = client or ProviderClient(
+            httpx.AsyncHTTPTransport(http2=True), timeout=timeout
+        )
         self._clock = clock
         self._tokens = TokenCache(self._mint, clock, min_renewal=PROVIDER_TOKEN_MIN_RENEWAL)
 

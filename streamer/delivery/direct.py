@@ -23,7 +23,7 @@ from streamer.delivery.errors import (
     TemporaryDeliveryError,
     retry_after_seconds,
 )
-from streamer.delivery.http import transport_failure
+from streamer.delivery.http import HttpClient, transport_failure
 
 Clock = Callable[[], float]
 #: Seconds to wait after a 429 that gives no Retry-After.
@@ -99,7 +99,7 @@ class TokenCache:
             return self._token.value
 
 
-async def send(client: httpx.AsyncClient, provider: str, request: httpx.Request) -> httpx.Response:
+async def send(client: HttpClient, provider: str, request: httpx.Request) -> httpx.Response:
     """Send one provider request; a network failure or timeout is a temporary error.
 
     Metrics are the sender's (`PushSender` counts outcomes and times each dispatch).

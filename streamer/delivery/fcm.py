@@ -33,6 +33,7 @@ from streamer.delivery.errors import (
     TemporaryDeliveryError,
     is_temporary,
 )
+from streamer.delivery.http import HttpClient
 
 PROVIDER = "fcm"
 FCM_SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
@@ -124,9 +125,7 @@ def fcm_message(content: PushContent, device: Device) -> dict[str, Any]:
 class FcmPushkin:
     """Sends one push to one Android device through FCM HTTP v1."""
 
-    def __init__(
-        self, config: FcmConfig, *, client: httpx.AsyncClient, clock: Clock = time.time
-    ) -> None:
+    def __init__(self, config: FcmConfig, *, client: HttpClient, clock: Clock = time.time) -> None:
         if not config.service_account_file:
             raise ConfigError("[fcm] service_account_file is not set; direct mode needs it")
         self._account = load_service_account(config.service_account_file)

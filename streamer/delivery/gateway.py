@@ -26,7 +26,7 @@ from streamer.delivery.errors import (
     is_temporary,
     retry_after_seconds,
 )
-from streamer.delivery.http import never_sent, transport_failure
+from streamer.delivery.http import HttpClient, never_sent, transport_failure
 from streamer.delivery.payload import gateway_body
 from streamer.model import SETTINGS, WORKSPACE_CREDENTIALS, Settings, to_epoch
 
@@ -138,7 +138,7 @@ class GatewayPushkin:
 
     def __init__(
         self,
-        client: httpx.AsyncClient,
+        client: HttpClient,
         gateway_urls: Callable[[], Sequence[str]],
         token: WorkspaceToken,
         *,
