@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import ssl
 import tempfile
 import threading
 import time
@@ -23,13 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import hypercorn.asyncio
 import hypercorn.config
 import orjson
 import uvicorn
 
-from streamer.delivery.http import ProviderClient
 from streamer.devmongo import free_port
 from tests.tls import issue_certificates
 
@@ -229,9 +226,3 @@ def _wait_until_listening(port: int, thread: threading.Thread, timeout: float = 
             if time.monotonic() > deadline or not thread.is_alive():
                 raise RuntimeError(f"HTTP/2 stub server did not start on port {port}") from None
             time.sleep(0.01)
-
-
-def http2_client(ca: str, timeout: float = 10.0) -> ProviderClient:
-    """The daemon's own APNs client, trusting `serve_http2`'s CA."""
-    verify = ssl.create_default_context(cafile=ca)
-    return ProviderClient(httpx.AsyncHTTPTransport(http2=True, verify=verify), timeout=timeout)

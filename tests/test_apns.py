@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
@@ -17,7 +19,7 @@ from streamer.delivery.base import Device
 from streamer.delivery.errors import CredentialsError, Outcome, TemporaryDeliveryError
 from tests import factories
 from tests.credentials import ManualClock, write_apns_key
-from tests.servers import Recorded, Reply, StubApp, http2_client, serve_http2
+from tests.servers import Recorded, Reply, StubApp, serve_http2
 
 pytestmark = pytest.mark.anyio
 
@@ -85,7 +87,9 @@ async def apns_pushkin(
         "base_url": apple.url,
         **config,
     }
-    async with http2_client(apple.ca) as client:
+    async with httpx.AsyncClient(
+        http2=True, verify=ssl.create_default_context(cafile=apple.ca)
+    ) as client:
         pushkin = ApnsPushkin(ApnsConfig(**settings), production=True, client=client, clock=clock)
         yield pushkin, public_key
         await pushkin.aclose()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+import ssl
 import subprocess
 import sys
 import traceback
@@ -18,6 +19,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, quote
 
 import anyio
+import httpx
 import orjson
 import pytest
 from aiosmtpd.controller import Controller
@@ -50,7 +52,7 @@ from streamer.model import SETTINGS, WORKSPACE_CREDENTIALS, Settings
 from tests import factories, securemongo
 from tests.credentials import write_apns_key, write_service_account
 from tests.securemongo import SecureMongo
-from tests.servers import Reply, StubApp, http2_client, serve_http, serve_http2
+from tests.servers import Reply, StubApp, serve_http, serve_http2
 
 REPO = Path(__file__).resolve().parent.parent
 Doc = dict[str, object]
@@ -507,7 +509,8 @@ async def test_apns_key_and_provider_tokens_never_in_logs_or_errors(tmp_path: Pa
     path, _ = write_apns_key(tmp_path, "ABC123DEFG")
     config = ApnsConfig(key_file=str(path), key_id="ABC123DEFG", team_id="TEAM123456")
     with serve_http2(apple) as (url, ca), capture_logs() as logs:
-        async with http2_client(ca) as http:
+        verify = ssl.create_default_context(cafile=ca)
+        async with httpx.AsyncClient(http2=True, verify=verify) as http:
             config = dataclasses.replace(config, base_url=url)
             pushkin = ApnsPushkin(config, production=True, client=http)
             seen = [await attempt(pushkin.dispatch(PUSH, device)) for _ in range(5)]
