@@ -16,6 +16,7 @@ import socket
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -175,6 +176,59 @@ def serve_hang_up() -> Iterator[tuple[str, list[bytes]]]:
     thread.start()
     try:
         yield f"http://127.0.0.1:{listener.getsockname()[1]}", heads
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        listener.close()
+
+
+@contextlib.contextmanager
+def serve_forward_proxy() -> Iterator[tuple[str, list[str]]]:
+    """An HTTP forward proxy, one request per connection: it records each request's
+    target (absolute, as a client sends it to a proxy) and relays it to its server.
+    Yields its URL and the targets."""
+    targets: list[str] = []
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+
+    def relay(connection: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data and (chunk := connection.recv(65536)):
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        request_line, *header_lines = head.decode("latin-1").split("\r\n")
+        method, target, version = request_line.split(" ")
+        targets.append(target)
+        headers = {
+            k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in header_lines)
+        }
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            body += connection.recv(65536)
+        url = urllib.parse.urlsplit(target)
+        kept = [
+            line for line in header_lines if not line.lower().startswith(("connection:", "proxy-"))
+        ]
+        upstream_head = "\r\n".join([f"{method} {url.path} {version}", *kept, "Connection: close"])
+        with socket.create_connection((url.hostname, url.port or 80)) as upstream:
+            upstream.sendall(upstream_head.encode("latin-1") + b"\r\n\r\n" + body)
+            while chunk := upstream.recv(65536):
+                connection.sendall(chunk)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                relay(connection)
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", targets
     finally:
         stop.set()
         thread.join(timeout=10)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
-from streamer.config import DeliveryConfig
+from streamer.config import ConfigError, DeliveryConfig
 from streamer.delivery.base import Device
 from streamer.delivery.errors import CredentialsError, Outcome, TemporaryDeliveryError
 from streamer.delivery.gateway import RECHECK, GatewayPushkin, WorkspaceToken
@@ -17,7 +17,7 @@ from streamer.delivery.payload import gateway_body
 from streamer.devmongo import free_port
 from streamer.model import SETTINGS, WORKSPACE_CREDENTIALS
 from tests import factories
-from tests.servers import Reply, StubApp, serve_hang_up
+from tests.servers import Reply, StubApp, serve_forward_proxy, serve_hang_up
 
 Doc = dict[str, object]
 NOW = 1_700_000_000.0
@@ -298,3 +298,37 @@ async def test_the_default_scope_token_is_preferred(db: AsyncDatabase[Doc]) -> N
         ]
     )
     assert await WorkspaceToken(db, Clock()).get() == "default"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("no_proxy", ["", "127.0.0.1"], ids=["proxied", "no_proxy"])
+async def test_pushes_take_the_proxy_the_environment_names(
+    db: AsyncDatabase[Doc],
+    stub: StubApp,
+    gateway_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    no_proxy: str,
+) -> None:
+    """As the doctor's requests (and Rocket.Chat's) do: behind an egress proxy, a push that
+    ignored HTTP(S)_PROXY would never leave, while the doctor said the gateway answers."""
+    await store_workspace_token(db, "workspace-token-1")
+    with serve_forward_proxy() as (proxy_url, targets):
+        monkeypatch.setenv("HTTP_PROXY", proxy_url)
+        monkeypatch.setenv("NO_PROXY", no_proxy)
+        async with make_http_client(DeliveryConfig(timeout=5.0)) as http:
+            clock = Clock()
+            pushkin = GatewayPushkin(
+                http, lambda: [gateway_url], WorkspaceToken(db, clock), clock=clock
+            )
+            assert await pushkin.dispatch(CONTENT, ANDROID) is Outcome.SENT
+    assert targets == ([] if no_proxy else [f"{gateway_url}/push/gcm/send"])
+    assert [r.path for r in stub.received()] == ["/push/gcm/send"]
+
+
+def test_a_proxy_variable_that_is_not_a_proxy_url_stops_the_start_without_quoting_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "user:s3cret@proxy.internal:3128")
+    with pytest.raises(ConfigError, match="HTTPS_PROXY is not an http") as raised:
+        make_http_client(DeliveryConfig())
+    assert "s3cret" not in str(raised.value)

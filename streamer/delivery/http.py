@@ -14,7 +14,8 @@ benchmarks inject another transport without patching.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Protocol, Self
@@ -25,7 +26,7 @@ import httpx
 from httpx_aiohttp import AiohttpTransport
 
 from streamer import __version__, metrics
-from streamer.config import DeliveryConfig
+from streamer.config import ConfigError, DeliveryConfig
 
 #: `[delivery] concurrency`'s default: requests in flight when nobody says otherwise.
 DEFAULT_CONCURRENCY = DeliveryConfig().concurrency
@@ -131,13 +132,63 @@ class ProviderClient:
         await self.aclose()
 
 
+class EnvironmentProxies(httpx.AsyncBaseTransport):
+    """Each request direct, or through the proxy HTTP_PROXY / HTTPS_PROXY names for its
+    scheme, unless NO_PROXY lists its host: what Rocket.Chat's own requests and the
+    doctor's (httpx's client) do. A transport alone ignores these variables, so
+    behind an egress proxy no push would leave while the doctor found the gateway.
+
+    The variables are read once, at start; the route is decided once per host.
+    """
+
+    def __init__(self, make: Callable[[httpx.Proxy | None], httpx.AsyncBaseTransport]) -> None:
+        self._make = make
+        self._proxies = _environment_proxies()
+        #: (scheme, host) → the scheme whose proxy it takes, or None: direct.
+        self._routes: dict[tuple[str, str], str | None] = {}
+        self._transports: dict[str | None, httpx.AsyncBaseTransport] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self._transport_for(request.url).handle_async_request(request)
+
+    async def aclose(self) -> None:
+        for transport in self._transports.values():
+            await transport.aclose()
+
+    def _transport_for(self, url: httpx.URL) -> httpx.AsyncBaseTransport:
+        key = (url.scheme, url.host)
+        if key not in self._routes:
+            proxied = url.scheme in self._proxies and not urllib.request.proxy_bypass(url.host)
+            self._routes[key] = url.scheme if proxied else None
+        route = self._routes[key]
+        if route not in self._transports:
+            self._transports[route] = self._make(None if route is None else self._proxies[route])
+        return self._transports[route]
+
+
+def _environment_proxies() -> dict[str, httpx.Proxy]:
+    """HTTP_PROXY and HTTPS_PROXY, checked now rather than at the first push."""
+    proxies: dict[str, httpx.Proxy] = {}
+    for scheme, url in urllib.request.getproxies().items():
+        if scheme not in ("http", "https"):
+            continue
+        # The value is not quoted back: it may hold the proxy's password.
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{scheme.upper()}_PROXY is not an http:// or https:// proxy URL; "
+                "write it as http://host:port (or unset it)"
+            )
+        proxies[scheme] = httpx.Proxy(url)
+    return proxies
+
+
 def make_http_client(
     config: DeliveryConfig, *, transport: httpx.AsyncBaseTransport | None = None
 ) -> ProviderClient:
     """The one client for the process; close it with `aclose()` at shutdown."""
-    return ProviderClient(
-        transport or AiohttpTransport(limits=pool_limits(config)), timeout=config.timeout
-    )
+    limits = pool_limits(config)
+    default = EnvironmentProxies(lambda proxy: AiohttpTransport(limits=limits, proxy=proxy))
+    return ProviderClient(transport or default, timeout=config.timeout)
 
 
 def never_sent(exc: httpx.TransportError) -> bool:
