@@ -9,9 +9,9 @@ from typing import Any
 import anyio
 import pymongo
 from pymongo import AsyncMongoClient
-from pymongo.errors import InvalidURI, PyMongoError
+from pymongo.errors import ConfigurationError, InvalidURI, PyMongoError
 
-from streamer.config import ConfigError
+from streamer.config import REDACTED, ConfigError, uri_secrets
 
 Doc = dict[str, Any]
 
@@ -20,8 +20,9 @@ def mongo_client(uri: str, *, server_selection_ms: int) -> AsyncMongoClient[Doc]
     """A client for `uri` that gives up finding a server after `server_selection_ms`,
     unless the URI sets its own `serverSelectionTimeoutMS`: the operator's word wins.
 
-    A URI pymongo cannot parse is a configuration error (exit 2, no restart loop);
-    the usual cause is a password with an unescaped `/`, `@` or `:`.
+    A URI pymongo cannot build a client from is a configuration error (exit 2, no
+    restart loop): most often a password with an unescaped `/`, `@` or `:`, else a
+    bad port, an empty host or a TLS file that is not there.
     """
     try:
         if "serverselectiontimeoutms" in uri.lower():
@@ -29,9 +30,19 @@ def mongo_client(uri: str, *, server_selection_ms: int) -> AsyncMongoClient[Doc]
         return AsyncMongoClient(uri, serverSelectionTimeoutMS=server_selection_ms)
     except InvalidURI as exc:
         raise ConfigError(
-            f"[mongo] uri is not a valid MongoDB URI ({exc}): escape special characters "
-            "in the user name and password (urllib.parse.quote_plus), e.g. / as %2F"
+            f"[mongo] uri is not a valid MongoDB URI ({_hidden(exc, uri)}): escape special "
+            "characters in the user name and password (urllib.parse.quote_plus), e.g. / as %2F"
         ) from None
+    except (ConfigurationError, ValueError, OSError) as exc:
+        raise ConfigError(f"[mongo] uri cannot be used: {_hidden(exc, uri)}") from None
+
+
+def _hidden(exc: Exception, uri: str) -> str:
+    """The error's text without the URI's secrets, should pymongo ever quote them."""
+    text = str(exc)
+    for secret in uri_secrets(uri):
+        text = text.replace(secret, REDACTED)
+    return text
 
 
 @contextmanager

@@ -238,6 +238,25 @@ def test_a_password_with_an_unescaped_slash_is_hidden_and_is_a_config_error(
         assert result.returncode == 2 and "configuration error" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("uri", "says"),
+    [
+        ("mongodb://app:{secret}@db1:99999/?replicaSet=rs0", "Port must be"),
+        ("mongodb://app:{secret}@/?replicaSet=rs0", "Empty host"),
+        ("mongodb://app:{secret}@db1/?tls=true&tlsCAFile=/nonexistent/ca.pem", "tlscafile"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "doctor"])
+def test_every_uri_pymongo_refuses_is_a_config_error(command: str, uri: str, says: str) -> None:
+    """Not only the unescaped password: any URI pymongo cannot build a client from
+    would otherwise crash `run` with exit 1, which systemd restarts for ever."""
+    secret = "pw-" + secrets.token_hex(4)
+    result = run_streamer(command, env={"STREAMER_MONGO__URI": uri.format(secret=secret)})
+    output = result.stdout + result.stderr
+    assert_absent([secret], output)
+    assert result.returncode == 2 and says in output, output
+
+
 LOG_SECRETS = """
 import structlog
 from urllib.parse import unquote, urlsplit
