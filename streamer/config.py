@@ -38,14 +38,24 @@ def _secret(default: Any = None) -> Any:
     return field(default=default, metadata={"secret": True})
 
 
+def _mongo_name(default: str, forbidden: str) -> Any:
+    """A database or collection name: MongoDB refuses one that is empty or holds any of
+    `forbidden`, and the daemon would only find out when it starts."""
+    return field(default=default, metadata={"forbidden": forbidden})
+
+
+#: Seconds, where zero would break what the key paces (a timeout, a backoff).
+_POSITIVE = {"min": 0.001}
+
+
 @dataclass(frozen=True, slots=True)
 class MongoConfig:
     uri: str = field(
         default="mongodb://127.0.0.1:27017/?replicaSet=rs0", metadata={"secret_uri": True}
     )
-    database: str = "rocketchat"
-    queue_collection: str = "streamer_queue"
-    state_collection: str = "streamer_state"
+    database: str = _mongo_name("rocketchat", '/\\. "$')
+    queue_collection: str = _mongo_name("streamer_queue", "$")
+    state_collection: str = _mongo_name("streamer_state", "$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +86,10 @@ class DeliveryConfig:
     gateway_urls: tuple[str, ...] | None = None
     #: Requests in flight; a gateway ~50-100 ms away needs hundreds (Sygnal caps at 512).
     concurrency: int = field(default=256, metadata={"min": 1})
-    timeout: float = 10.0
+    timeout: float = field(default=10.0, metadata=_POSITIVE)
     give_up_after: float = 3600.0
-    retry_initial: float = 1.0
-    retry_max: float = 300.0
+    retry_initial: float = field(default=1.0, metadata=_POSITIVE)
+    retry_max: float = field(default=300.0, metadata=_POSITIVE)
     #: A push a crash left claimed but unrecorded (the provider may or may not have
     #: it): "skip" it (at most once, SPEC §7) or "resend" it (at least once).
     unknown_outcome: Literal["skip", "resend"] = "skip"
@@ -130,7 +140,8 @@ class LogConfig:
 
 @dataclass(frozen=True, slots=True)
 class AppConfig:
-    shutdown_grace: float = 10.0
+    #: At most a day: past that the stuck-shutdown watchdog's timer cannot be set.
+    shutdown_grace: float = field(default=10.0, metadata={"max": 86_400})
     #: Names this instance's leases in the queue (unset: hostname and pid) and its
     #: saved change-stream positions (unset: "default"; see sources/resume.py).
     instance_id: str | None = None
@@ -153,6 +164,8 @@ class Config:
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Defaults, then the file (`path`, else $STREAMER_CONFIG, else none), then the env."""
     env = os.environ if env is None else env
+    if path == "":
+        raise ConfigError("--config is empty: give the path of a config file, or leave it out")
     path = path or env.get(CONFIG_PATH_ENV) or None
     raw: dict[str, dict[str, tuple[Any, str]]] = {}
     if path is not None:
@@ -163,9 +176,11 @@ def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = 
 
 def _merge_file(raw: dict[str, dict[str, tuple[Any, str]]], path: Path) -> None:
     try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
+        document = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is no error
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     sections = _sections()
@@ -233,12 +248,36 @@ def _build(raw: dict[str, dict[str, tuple[Any, str]]]) -> Config:
             for key, (value, where) in raw.get(section, {}).items()
         }
         built[section] = cls(**values)
-    return Config(**built)
+    config = Config(**built)
+    _check_together(config, raw)
+    return config
+
+
+def _check_together(config: Config, raw: dict[str, dict[str, tuple[Any, str]]]) -> None:
+    """Keys that only make sense against each other."""
+
+    def where(section: str, key: str) -> str:
+        return raw.get(section, {}).get(key, (None, f"[{section}] {key}"))[1]
+
+    delivery, queue = config.delivery, config.queue
+    if delivery.retry_max < delivery.retry_initial:
+        raise ConfigError(
+            f"{where('delivery', 'retry_max')}: retry_max ({delivery.retry_max}) is below "
+            f"[delivery] retry_initial ({delivery.retry_initial})"
+        )
+    for key in ("delay_online", "delay_away", "delay_offline"):
+        if getattr(queue, key) >= queue.max_age:
+            raise ConfigError(
+                f"{where('queue', 'max_age')}: max_age ({queue.max_age}) must exceed every "
+                f"delay, but {key} is {getattr(queue, key)}: its entries would all be dropped"
+            )
 
 
 def _within(value: Any, f: dataclasses.Field[Any], where: str) -> Any:
     """Numbers within the field's bounds: never negative, and at least `min` (a port, a
-    count of requests) where less cannot work."""
+    count of requests) where less cannot work; names without what MongoDB refuses."""
+    if isinstance(value, str) and "forbidden" in f.metadata:
+        _check_name(value, f.metadata["forbidden"], where)
     if isinstance(value, bool) or not isinstance(value, int | float):
         return value
     low, high = f.metadata.get("min", 0), f.metadata.get("max")
@@ -246,6 +285,14 @@ def _within(value: Any, f: dataclasses.Field[Any], where: str) -> Any:
         expected = f"{low} to {high}" if high is not None else f"at least {low}"
         raise ConfigError(f"{where}: expected {expected}, got {value!r}")
     return value
+
+
+def _check_name(name: str, forbidden: str, where: str) -> None:
+    if not name:
+        raise ConfigError(f"{where}: a MongoDB name cannot be empty")
+    for char in forbidden + "\0":
+        if char in name:
+            raise ConfigError(f"{where}: a MongoDB name cannot contain {char!r}, got {name!r}")
 
 
 def _is_secret(f: dataclasses.Field[Any]) -> bool:
@@ -317,7 +364,8 @@ def _split_uri(uri: str) -> tuple[str, str | None, str, list[tuple[str, str, str
     the userinfo ends at the last '@' before the first '/', so an unescaped '#' or
     '?' in a password is still the password's. An unescaped '/' in it makes the URI
     one pymongo refuses, but it must stay hidden all the same: then the last '@'
-    before the options ends the userinfo."""
+    before the options ends the userinfo, or, when a '?' in the password hides where
+    the options start, the last '@' of all (over-hiding a URI that cannot work)."""
     scheme, sep, rest = uri.partition("://")
     if not sep:
         return "", None, uri, []
@@ -325,12 +373,27 @@ def _split_uri(uri: str) -> tuple[str, str | None, str, list[tuple[str, str, str
     database = path.partition("?")[0]
     if "@" in database:  # not in the options: an X.509 key file may be a@b.pem
         cut = rest.rindex("@", 0, len(hosts) + len(slash) + len(database))
+    elif "@" not in hosts and "@" in path and not _is_host_list(hosts):
+        cut = rest.rindex("@")
+    else:
+        cut = -1
+    if cut >= 0:
         hosts, slash, path = rest[cut + 1 :].partition("/")
         hosts = f"{rest[:cut]}@{hosts}"
     userinfo, at, hosts = hosts.rpartition("@")
     path, _, query = path.partition("?")
     options = [option.partition("=") for option in query.replace(";", "&").split("&") if option]
     return scheme + sep, userinfo if at else None, hosts + slash + path, options
+
+
+def _is_host_list(hosts: str) -> bool:
+    """Whether every `host[:port]` (IPv6 in brackets) has a numeric port, if any: else
+    the text before the first '/' is the start of a userinfo with '/' in its password."""
+    for host in hosts.split(","):
+        port = host.rpartition("]")[2] if host.startswith("[") else host
+        if ":" in port and not port.rpartition(":")[2].isdecimal():
+            return False
+    return True
 
 
 def redacted(config: Config) -> dict[str, dict[str, Any]]:
@@ -386,7 +449,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, tuple | list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    return orjson.dumps(str(value)).decode()
+    # JSON escapes every control character TOML refuses but DEL.
+    return orjson.dumps(str(value)).decode().replace("\x7f", "\\u007f")
 
 
 def override_settings(settings: Settings, config: Config) -> Settings:

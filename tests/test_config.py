@@ -107,6 +107,24 @@ def test_unknown_env_key_names_the_variable() -> None:
         ("[delivery]\nconcurrency = 0\n", r"concurrency: expected at least 1, got 0"),
         ("[queue]\ndelay_away = -5\n", r"delay_away: expected at least 0, got -5"),
         ("[app]\nshutdown_grace = inf\n", r"shutdown_grace: expected a finite number, got inf"),
+        # Every push would time out at once; failures would be retried in a hot loop.
+        ("[delivery]\ntimeout = 0\n", r"\[delivery\] timeout: expected at least 0.001, got 0"),
+        ("[delivery]\nretry_initial = 0\n", r"retry_initial: expected at least 0.001, got 0"),
+        ("[delivery]\nretry_max = 0\n", r"retry_max: expected at least 0.001, got 0"),
+        (
+            "[delivery]\nretry_initial = 60\nretry_max = 1\n",
+            r"retry_max \(1.0\) is below \[delivery\] retry_initial \(60.0\)",
+        ),
+        # Every delayed entry would be dropped as too old before it was due.
+        (
+            "[queue]\ndelay_away = 600\nmax_age = 300\n",
+            r"max_age \(300.0\) must exceed every delay, but delay_away is 600.0",
+        ),
+        ("[app]\nshutdown_grace = 1e10\n", r"shutdown_grace: expected 0 to 86400"),
+        # Names MongoDB refuses, found now rather than as a crash at start.
+        ('[mongo]\ndatabase = "rocket.chat"\n', r"\[mongo\] database: .*cannot contain '\.'"),
+        ('[mongo]\ndatabase = ""\n', r"\[mongo\] database: .*empty"),
+        ('[mongo]\nqueue_collection = "q$"\n', r"queue_collection: .*cannot contain '\$'"),
     ],
 )
 def test_wrong_type_says_what_was_expected(tmp_path: Path, toml: str, message: str) -> None:
@@ -157,6 +175,11 @@ def test_redaction_hides_passwords_keeps_the_rest() -> None:
          "&tlsCertificateKeyFilePassword=***", ["k3y"]),
         # Unescaped '/' (and '@') in a password: pymongo refuses it, and it stays hidden.
         ("mongodb://u:p@ss/w0rd@db/app?x=1", "mongodb://u:***@db/app?x=1", ["p@ss/w0rd"]),
+        # ... also when a '?' follows the '/', which otherwise starts the options.
+        ("mongodb://admin:Xy/9?Qz@db.example/?replicaSet=rs0",
+         "mongodb://admin:***@db.example/?replicaSet=rs0", ["Xy/9?Qz"]),
+        ("mongodb://[::1]:27017,h2/?replicaSet=rs0", "mongodb://[::1]:27017,h2/?replicaSet=rs0",
+         []),
     ],
 )  # fmt: skip
 def test_uri_redaction_reads_the_uri_as_the_driver_does(
@@ -217,3 +240,28 @@ def test_cli_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
     assert result.stdout.startswith("streamer ")
+
+
+def test_a_config_file_not_in_utf8_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[mongo]\ndatabase = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path, env={})
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    """Windows Notepad starts UTF-8 files with one."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b'\xef\xbb\xbf[mongo]\ndatabase = "chat"\n')
+    assert load_config(path, env={}).mongo.database == "chat"
+
+
+def test_an_empty_config_path_is_an_error_not_the_defaults() -> None:
+    """`--config "$CONF"` with CONF unset must not run on the defaults without a word."""
+    with pytest.raises(ConfigError, match="empty"):
+        load_config("", env={})
+
+
+def test_printed_config_escapes_every_control_character() -> None:
+    config = load_config(None, env={"STREAMER_APP__INSTANCE_ID": "a\x7fb\x01c"})
+    assert tomllib.loads(to_toml(redacted(config)))["app"]["instance_id"] == "a\x7fb\x01c"
