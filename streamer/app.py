@@ -240,6 +240,7 @@ class Daemon:
         async with anyio.create_task_group() as tg:
             tg.start_soon(_run_until, shutdown, sources.run)
             tg.start_soon(self._watch_health, sources)
+            tg.start_soon(self._report_stopping, shutdown)
             await tg.start(self.queue.follow)
             tg.start_soon(self.queue.keep_leases)
             log.info("started", instance_id=self.instance_id, http=self.http_address)
@@ -273,6 +274,12 @@ class Daemon:
                 grace = self.config.app.shutdown_grace
                 _exit_unless_stopped_within(grace + SHUTDOWN_SLACK, "shutdown_stuck")
                 shutdown.set()
+
+    async def _report_stopping(self, shutdown: anyio.Event) -> None:
+        """Not ready from the stop on: the drain and the clean-up after it may take
+        seconds, and nothing should count on this process meanwhile."""
+        await shutdown.wait()
+        self.health.set_failed("app", "shutting down")
 
     async def _watch_health(self, sources: Sources) -> None:
         while True:

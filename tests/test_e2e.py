@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -240,6 +241,27 @@ def explain(daemon: Daemon, mid: str, user: str) -> str:
         check=True,
     )
     return result.stdout
+
+
+def test_readyz_says_not_ready_as_soon_as_the_drain_starts(
+    world: World, daemon_for: Any, gateway: tuple[StubApp, str]
+) -> None:
+    """A health check that still answers 200 while the process drains and stops
+    routes new work to it: the stop must show at once, with its reason."""
+    stub, _ = gateway
+    stub.script(GCM, Reply(delay=3.0))  # the push in flight holds the drain
+    daemon = daemon_for()
+    base = f"http://{daemon.logs('started')[0]['http']}"
+    wait_until(lambda: httpx.get(f"{base}/readyz").status_code == 200, 30)
+    world.say(world.dm, "in flight at the stop")
+    stub.wait_for(1, GCM, timeout=30)
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGTERM)
+    daemon.wait_for_log("draining", timeout=10)
+    response = httpx.get(f"{base}/readyz")
+    assert response.status_code == 503
+    assert response.json()["components"]["app"] == {"ready": False, "reason": "shutting down"}
+    assert daemon.process.wait(timeout=30) == 0
 
 
 def test_a_second_process_under_the_same_instance_id_waits_for_the_first(
