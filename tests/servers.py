@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.parse
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,10 +152,9 @@ def serve_http(app: Any, port: int | None = None) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def serve_hang_up() -> Iterator[tuple[str, list[bytes]]]:
-    """A peer that reads each request's head, then closes the connection unanswered:
-    a gateway that took a push and died before answering. Yields its URL and the heads."""
-    heads: list[bytes] = []
+def serve_connections(handle: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A raw TCP peer on 127.0.0.1 that passes each connection to `handle`, one at a
+    time, then closes it; yields its URL."""
     stop = threading.Event()
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.05)
@@ -167,19 +166,33 @@ def serve_hang_up() -> Iterator[tuple[str, list[bytes]]]:
             except TimeoutError:
                 continue
             with connection:
-                head = b""
-                while b"\r\n\r\n" not in head and (chunk := connection.recv(65536)):
-                    head += chunk
-                heads.append(head)
+                handle(connection)
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}", heads
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
     finally:
         stop.set()
         thread.join(timeout=10)
         listener.close()
+
+
+def _read_head(connection: socket.socket) -> bytes:
+    """What arrived up to the end of the request's head (and maybe some body after it)."""
+    data = b""
+    while b"\r\n\r\n" not in data and (chunk := connection.recv(65536)):
+        data += chunk
+    return data
+
+
+@contextlib.contextmanager
+def serve_hang_up() -> Iterator[tuple[str, list[bytes]]]:
+    """A peer that reads each request's head, then closes the connection unanswered:
+    a gateway that took a push and died before answering. Yields its URL and the heads."""
+    heads: list[bytes] = []
+    with serve_connections(lambda connection: heads.append(_read_head(connection))) as url:
+        yield url, heads
 
 
 @contextlib.contextmanager
@@ -188,15 +201,9 @@ def serve_forward_proxy() -> Iterator[tuple[str, list[str]]]:
     target (absolute, as a client sends it to a proxy) and relays it to its server.
     Yields its URL and the targets."""
     targets: list[str] = []
-    stop = threading.Event()
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.05)
 
     def relay(connection: socket.socket) -> None:
-        data = b""
-        while b"\r\n\r\n" not in data and (chunk := connection.recv(65536)):
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
+        head, _, body = _read_head(connection).partition(b"\r\n\r\n")
         request_line, *header_lines = head.decode("latin-1").split("\r\n")
         method, target, version = request_line.split(" ")
         targets.append(target)
@@ -216,23 +223,8 @@ def serve_forward_proxy() -> Iterator[tuple[str, list[str]]]:
             while chunk := upstream.recv(65536):
                 connection.sendall(chunk)
 
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                connection, _ = listener.accept()
-            except TimeoutError:
-                continue
-            with connection:
-                relay(connection)
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}", targets
-    finally:
-        stop.set()
-        thread.join(timeout=10)
-        listener.close()
+    with serve_connections(relay) as url:
+        yield url, targets
 
 
 @contextlib.contextmanager
