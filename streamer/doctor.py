@@ -189,7 +189,7 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     for part in version.split(".")[:3]:
         digits = ""
         for char in part:
-            if not char.isdigit():
+            if not char.isdecimal():
                 break
             digits += char
         parts.append(int(digits or 0))

@@ -17,6 +17,8 @@ NOW = 1_700_000_000.0
         ("Tue, 14 Nov 2023 22:00:00 GMT", 0.0),
         ("soon", None),
         ("-3", None),
+        ("²", None),  # a digit to str.isdigit, not to float()
+        ("1e400", None),
     ],
 )
 def test_retry_after_reads_seconds_and_http_dates(

@@ -80,7 +80,7 @@ def retry_after_seconds(header: str | None, now: float) -> float | None:
     if header is None:
         return None
     text = header.strip()
-    if text.isdigit():
+    if text.isdecimal():  # not isdigit: "²" is a digit float() refuses
         return float(text)
     try:
         when = email.utils.parsedate_to_datetime(text)

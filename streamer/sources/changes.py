@@ -226,7 +226,7 @@ def tunread_after(
 
 def _index(key: str) -> int:
     _, _, position = key.partition(".")
-    return int(position) if position.isdigit() else -1
+    return int(position) if position.isdecimal() else -1
 
 
 def presence_changes(
