@@ -168,6 +168,8 @@ class Daemon:
         self.health = Health()
         #: Where /metrics, /livez and /readyz answer (`host:port`), once serving.
         self.http_address = ""
+        #: The gateway's token, in gateway mode: /readyz says when there is none.
+        self.workspace_token: WorkspaceToken | None = None
         self.directory = CachedDirectory(
             db, db[config.mongo.state_collection], fallback=DatabaseDirectory(db)
         )
@@ -222,8 +224,9 @@ class Daemon:
     def _pushkins(self, client: HttpClient) -> Mapping[TokenKind, Pushkin]:
         if self.config.delivery.mode == "direct":
             return direct_pushkins(self.config, client, self.ingest.latest_settings)
+        self.workspace_token = WorkspaceToken(self.db)
         gateway = GatewayPushkin(
-            client, lambda: self.ingest.latest_settings.push_gateways, WorkspaceToken(self.db)
+            client, lambda: self.ingest.latest_settings.push_gateways, self.workspace_token
         )
         return {"apn": gateway, "gcm": gateway}
 
@@ -285,9 +288,13 @@ class Daemon:
         while True:
             await self._check_mongo()
             _set(self.health, "streams", sources.ready, "change streams are not all open")
-            problem = self.sender.problem or "provider credentials rejected"
-            _set(self.health, "delivery", self.sender.healthy, problem)
+            problem = self.sender.problem or await self._missing_credentials()
+            _set(self.health, "delivery", problem is None, problem or "")
             await anyio.sleep(HEALTH_INTERVAL)
+
+    async def _missing_credentials(self) -> str | None:
+        """Credentials that no push has failed on yet, but every one would."""
+        return None if self.workspace_token is None else await self.workspace_token.problem()
 
     async def _check_mongo(self) -> None:
         """Ping with pymongo's own deadline, never by cancelling: a task cancelled while

@@ -46,4 +46,4 @@ async def test_switching_mail_off_clears_a_refused_smtp_login_from_readiness(
             while await db["streamer_queue"].count_documents({}):  # noqa: ASYNC110
                 await anyio.sleep(0.02)  # settled in MongoDB: a condition, not an event
         shutdown.set()
-    assert sender.healthy, sender.problem
+    assert sender.problem is None

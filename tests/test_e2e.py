@@ -243,6 +243,21 @@ def explain(daemon: Daemon, mid: str, user: str) -> str:
     return result.stdout
 
 
+def test_readyz_says_when_the_workspace_has_no_token_before_any_push(
+    world: World, daemon_for: Any, sync_db: Database[Doc]
+) -> None:
+    """Every push would fail: /readyz must say so without waiting for one."""
+    sync_db.rocketchat_workspace_credentials.delete_many({})
+    daemon = daemon_for()
+    base = f"http://{daemon.logs('started')[0]['http']}"
+
+    def delivery() -> Any:
+        return httpx.get(f"{base}/readyz").json()["components"]["delivery"]
+
+    wait_until(lambda: "no workspace access token" in (delivery()["reason"] or ""), 30)
+    assert daemon.terminate() == 0
+
+
 def test_readyz_says_not_ready_as_soon_as_the_drain_starts(
     world: World, daemon_for: Any, gateway: tuple[StubApp, str]
 ) -> None:

@@ -270,6 +270,21 @@ async def test_a_missing_token_is_looked_for_again_after_a_while(db: AsyncDataba
 
 
 @pytest.mark.anyio
+async def test_an_unregistered_workspace_is_a_problem_before_any_push(
+    db: AsyncDatabase[Doc],
+) -> None:
+    """For /readyz: with no token, every push will fail, so delivery is not ready from
+    the start; it is again once Rocket.Chat stores one (looked for every RECHECK s)."""
+    clock = Clock()
+    token = WorkspaceToken(db, clock)
+    problem = await token.problem()
+    assert problem is not None and problem.startswith("gateway: no workspace access token")
+    await store_workspace_token(db, "registered-meanwhile")
+    clock.now += RECHECK
+    assert await token.problem() is None
+
+
+@pytest.mark.anyio
 async def test_the_token_is_cached_until_it_expires(db: AsyncDatabase[Doc]) -> None:
     clock = Clock()
     token = WorkspaceToken(db, clock)

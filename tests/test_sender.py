@@ -222,12 +222,12 @@ async def test_invalid_credentials_retry_and_mark_the_sender_unhealthy_until_a_s
     result = await sender.send(CONTENT, [device], FIRST)
     assert isinstance(result, RetryAt)
     assert "streamer doctor" in result.error
-    assert not sender.healthy
+    assert sender.problem is not None
     assert sender.problem is not None and "401" in sender.problem  # what /readyz reports
     clock.now = result.at
     assert await sender.send(CONTENT, [device], result.attempts) != Delivered()
     assert await sender.send(CONTENT, [device], result.attempts) == Delivered()
-    assert sender.healthy
+    assert sender.problem is None
 
 
 @pytest.mark.anyio
@@ -239,9 +239,9 @@ async def test_any_answer_of_the_provider_ends_the_credentials_failure(
     stub.script("/push/gcm/send", Reply(401), Reply(401), Reply(406))
     sender = make_sender()
     assert isinstance(await sender.send(CONTENT, [device], FIRST), RetryAt)
-    assert not sender.healthy
+    assert sender.problem is not None
     assert await sender.send(CONTENT, [device], FIRST) == Delivered()  # the token is dead
-    assert sender.healthy
+    assert sender.problem is None
 
 
 @pytest.mark.anyio
@@ -257,11 +257,11 @@ async def test_one_providers_success_does_not_end_anothers_credentials_failure(
         for _ in range(2):
             assert isinstance(await sender.send(CONTENT, [android], FIRST), RetryAt)
             assert await sender.send(CONTENT, [iphone], FIRST) == Delivered()
-            assert not sender.healthy
+            assert sender.problem is not None
             assert sender.problem is not None and sender.problem.startswith("fcm: ")
     assert len([line for line in logs if line["event"] == "push_credentials_invalid"]) == 1
     assert await sender.send(CONTENT, [android], FIRST) == Delivered()
-    assert sender.healthy
+    assert sender.problem is None
 
 
 @pytest.mark.anyio

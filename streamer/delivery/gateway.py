@@ -17,6 +17,7 @@ import httpx
 import orjson
 import structlog
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
 
 from streamer.delivery.base import Device, PushContent
 from streamer.delivery.errors import (
@@ -74,6 +75,17 @@ class WorkspaceToken:
         if self._token is None:
             raise CredentialsError(f"no workspace access token stored: {UNREGISTERED}")
         return self._token
+
+    async def problem(self) -> str | None:
+        """Why no push could be sent now, for /readyz before any push has failed: none
+        stored. None when one is, or when MongoDB cannot say (its own check reports it)."""
+        try:
+            await self.get()
+        except CredentialsError as exc:
+            return f"gateway: {exc}"
+        except PyMongoError:
+            return None
+        return None
 
     def invalidate(self) -> None:
         """The gateway refused the token: read it again before the next push."""

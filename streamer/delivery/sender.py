@@ -156,11 +156,6 @@ class PushSender:
         self.credentials = CredentialProblems()
 
     @property
-    def healthy(self) -> bool:
-        """False while a provider's last answer was a credentials failure (for /readyz)."""
-        return self.credentials.problem is None
-
-    @property
     def problem(self) -> str | None:
         """The credentials failures that make delivery unhealthy, in the providers' words."""
         return self.credentials.problem
