@@ -373,7 +373,7 @@ def _split_uri(uri: str) -> tuple[str, str | None, str, list[tuple[str, str, str
     database = path.partition("?")[0]
     if "@" in database:  # not in the options: an X.509 key file may be a@b.pem
         cut = rest.rindex("@", 0, len(hosts) + len(slash) + len(database))
-    elif "@" not in hosts and "@" in path and not _is_host_list(hosts):
+    elif "@" not in hosts and "@" in path and not _looks_like_a_uri(hosts, path):
         cut = rest.rindex("@")
     else:
         cut = -1
@@ -386,14 +386,16 @@ def _split_uri(uri: str) -> tuple[str, str | None, str, list[tuple[str, str, str
     return scheme + sep, userinfo if at else None, hosts + slash + path, options
 
 
-def _is_host_list(hosts: str) -> bool:
-    """Whether every `host[:port]` (IPv6 in brackets) has a numeric port, if any: else
-    the text before the first '/' is the start of a userinfo with '/' in its password."""
+def _looks_like_a_uri(hosts: str, path: str) -> bool:
+    """Whether every `host[:port]` (IPv6 in brackets) has a numeric port, if any, and
+    the first option's name holds no '@' (none does): else the text before the first
+    '/' is the start of a userinfo with '/' in its password."""
     for host in hosts.split(","):
         port = host.rpartition("]")[2] if host.startswith("[") else host
         if ":" in port and not port.rpartition(":")[2].isdecimal():
             return False
-    return True
+    first_option = path.partition("?")[2].partition("=")[0]
+    return "@" not in first_option
 
 
 def redacted(config: Config) -> dict[str, dict[str, Any]]:

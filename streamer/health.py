@@ -72,7 +72,8 @@ def parse_listen(listen: str) -> tuple[str, int]:
     """`host:port` (IPv6 as `[::1]:9464`) → (host, port); anything else is a ConfigError."""
     host, sep, port_text = listen.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
-    if not sep or not host or not port_text.isdecimal() or int(port_text) > 65535:
+    digits = port_text.isascii() and port_text.isdecimal()
+    if not sep or not host or not digits or int(port_text) > 65535:
         raise ConfigError(
             f"[http] listen = {listen!r}: expected host:port, e.g. 127.0.0.1:9464 "
             "(port 0 picks a free port)"

@@ -178,6 +178,7 @@ def test_redaction_hides_passwords_keeps_the_rest() -> None:
         # ... also when a '?' follows the '/', which otherwise starts the options.
         ("mongodb://admin:Xy/9?Qz@db.example/?replicaSet=rs0",
          "mongodb://admin:***@db.example/?replicaSet=rs0", ["Xy/9?Qz"]),
+        ("mongodb://u:2024/r?et@h1/db", "mongodb://u:***@h1/db", ["2024/r?et"]),
         ("mongodb://[::1]:27017,h2/?replicaSet=rs0", "mongodb://[::1]:27017,h2/?replicaSet=rs0",
          []),
     ],

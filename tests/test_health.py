@@ -151,7 +151,7 @@ async def test_a_port_in_use_is_a_clear_error(endpoint: Endpoint, health: Health
         await serve_http(health, endpoint.address, shutdown=anyio.Event())
 
 
-@pytest.mark.parametrize("listen", ["0.0.0.0:9464²", "9464", "[::1]:", "host:65536"])
+@pytest.mark.parametrize("listen", ["0.0.0.0:9464²", "h:٩٤٦٤", "9464", "[::1]:", "host:65536"])
 def test_a_listen_address_that_is_not_host_port_is_a_config_error(listen: str) -> None:
     with pytest.raises(ConfigError, match="expected host:port"):
         parse_listen(listen)
