@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 import anyio
 import httpx
+import orjson
 from bson import Timestamp
 from pymongo import DESCENDING
 from pymongo.asynchronous.database import AsyncDatabase
@@ -28,6 +29,7 @@ from streamer.delivery.apns import load_signing_key
 from streamer.delivery.errors import is_temporary
 from streamer.delivery.fcm import load_service_account
 from streamer.delivery.gateway import StoredToken, no_gateway_answers, stored_workspace_token
+from streamer.delivery.http import HttpClient, make_http_client
 from streamer.directory import DatabaseDirectory
 from streamer.model import (
     MESSAGES,
@@ -76,7 +78,8 @@ class Check:
 class Context:
     config: Config
     db: AsyncDatabase[Doc]
-    http: httpx.AsyncClient
+    #: The daemon's own client: the probe takes the route (proxy or not) pushes take.
+    http: HttpClient
     settings: Settings
     workspace_token: StoredToken | None
     now: float
@@ -87,7 +90,7 @@ def _pass(name: str, detail: str) -> Check:
 
 
 async def run_checks(
-    config: Config, db: AsyncDatabase[Doc], client: httpx.AsyncClient, now: float | None = None
+    config: Config, db: AsyncDatabase[Doc], client: HttpClient, now: float | None = None
 ) -> list[Check]:
     """Every check of SPEC §8 for this deployment; MongoDB first, as the rest need it,
     then that the database is Rocket.Chat's, or the rest would judge built-in defaults."""
@@ -397,7 +400,9 @@ async def _probe_gateway(ctx: Context, url: str) -> tuple[bool, str]:
     """POST a push for a device token no phone has: the gateway checks the token first
     (401 without a valid one), then refuses the device; nobody is notified."""
     token = ctx.workspace_token
-    headers = {"Authorization": f"Bearer {token.access_token}"} if token else {}
+    headers = {"content-type": "application/json"}
+    if token:
+        headers["authorization"] = f"Bearer {token.access_token}"
     body = {
         "token": PROBE_DEVICE_TOKEN,
         "options": {
@@ -413,7 +418,8 @@ async def _probe_gateway(ctx: Context, url: str) -> tuple[bool, str]:
         },
     }
     try:
-        response = await ctx.http.post(f"{url}/push/gcm/send", json=body, headers=headers)
+        probe = orjson.dumps(body)
+        response = await ctx.http.post(f"{url}/push/gcm/send", content=probe, headers=headers)
     except httpx.HTTPError as exc:
         return False, f"{url} unreachable ({exc.__class__.__name__}: {exc})"
     status = response.status_code
@@ -527,7 +533,7 @@ def main(config: Config, out: TextIO) -> int:
 async def _run(config: Config) -> list[Check]:
     mongo = mongo_client(config.mongo.uri, server_selection_ms=MONGO_TIMEOUT_MS)
     try:
-        async with httpx.AsyncClient(timeout=config.delivery.timeout) as http:
+        async with make_http_client(config.delivery) as http:
             return await run_checks(config, mongo[config.mongo.database], http)
     finally:
         await mongo.close()

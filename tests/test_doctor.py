@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -24,6 +23,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from streamer import doctor
 from streamer.config import ApnsConfig, Config, DeliveryConfig, FcmConfig, MongoConfig
+from streamer.delivery.http import ProviderClient, make_http_client
 from streamer.devmongo import free_port
 from streamer.doctor import Check, Status, run_checks
 from tests import factories as f
@@ -50,8 +50,9 @@ def config(gateway: tuple[StubApp, str], db_name: str, mongo_uri: str) -> Config
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=5.0) as client:
+async def http() -> AsyncIterator[ProviderClient]:
+    """The daemon's own client, as `streamer doctor` uses it."""
+    async with make_http_client(DeliveryConfig(timeout=5.0)) as client:
         yield client
 
 
@@ -109,7 +110,7 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_a_healthy_gateway_deployment_passes_every_check(
-    db: AsyncDatabase[Doc], config: Config, http: httpx.AsyncClient, gateway: tuple[StubApp, str]
+    db: AsyncDatabase[Doc], config: Config, http: ProviderClient, gateway: tuple[StubApp, str]
 ) -> None:
     await seed_healthy(db)
     checks = await run_checks(config, db, http)
@@ -123,7 +124,7 @@ async def test_a_healthy_gateway_deployment_passes_every_check(
 
 
 async def test_a_database_without_rocket_chat_settings_stops_the_checks(
-    db: AsyncDatabase[Doc], config: Config, http: httpx.AsyncClient
+    db: AsyncDatabase[Doc], config: Config, http: ProviderClient
 ) -> None:
     """The wrong [mongo] database: every other check would judge built-in defaults."""
     checks = await run_checks(config, db, http)
@@ -147,7 +148,7 @@ async def test_the_report_never_shows_the_workspace_token(
 
 
 async def test_an_old_rocketchat_fails(
-    db: AsyncDatabase[Doc], config: Config, http: httpx.AsyncClient
+    db: AsyncDatabase[Doc], config: Config, http: ProviderClient
 ) -> None:
     await seed_healthy(db)
     await db["rocketchat_statistics"].insert_one(
@@ -170,7 +171,7 @@ async def test_an_old_rocketchat_fails(
 async def test_an_unregistered_workspace_fails(
     db: AsyncDatabase[Doc],
     config: Config,
-    http: httpx.AsyncClient,
+    http: ProviderClient,
     setting_id: str,
     value: Any,
     named: str,
@@ -184,7 +185,7 @@ async def test_an_unregistered_workspace_fails(
 
 
 async def test_an_expired_workspace_token_fails(
-    db: AsyncDatabase[Doc], config: Config, http: httpx.AsyncClient
+    db: AsyncDatabase[Doc], config: Config, http: ProviderClient
 ) -> None:
     await seed_healthy(db)
     await db["rocketchat_workspace_credentials"].update_one(
@@ -197,7 +198,7 @@ async def test_an_expired_workspace_token_fails(
 
 
 async def test_the_token_setting_of_older_servers_is_used(
-    db: AsyncDatabase[Doc], config: Config, http: httpx.AsyncClient, gateway: tuple[StubApp, str]
+    db: AsyncDatabase[Doc], config: Config, http: ProviderClient, gateway: tuple[StubApp, str]
 ) -> None:
     await seed_healthy(db)
     await db["rocketchat_workspace_credentials"].delete_many({})
@@ -210,7 +211,7 @@ async def test_the_token_setting_of_older_servers_is_used(
 
 
 async def test_a_missing_workspace_token_fails(
-    db: AsyncDatabase[Doc], config: Config, http: httpx.AsyncClient, gateway: tuple[StubApp, str]
+    db: AsyncDatabase[Doc], config: Config, http: ProviderClient, gateway: tuple[StubApp, str]
 ) -> None:
     await seed_healthy(db)
     await db["rocketchat_workspace_credentials"].delete_many({})
@@ -221,7 +222,7 @@ async def test_a_missing_workspace_token_fails(
 
 
 async def test_a_gateway_that_rejects_the_token_fails(
-    db: AsyncDatabase[Doc], config: Config, http: httpx.AsyncClient, gateway: tuple[StubApp, str]
+    db: AsyncDatabase[Doc], config: Config, http: ProviderClient, gateway: tuple[StubApp, str]
 ) -> None:
     await seed_healthy(db)
     gateway[0].script(GATEWAY_PATH, Reply(status=401, body={"status": 401}))
@@ -231,7 +232,7 @@ async def test_a_gateway_that_rejects_the_token_fails(
 
 
 async def test_an_address_that_is_no_gateway_fails(
-    db: AsyncDatabase[Doc], config: Config, http: httpx.AsyncClient, gateway: tuple[StubApp, str]
+    db: AsyncDatabase[Doc], config: Config, http: ProviderClient, gateway: tuple[StubApp, str]
 ) -> None:
     """A wrong Push_gateway (a web server, not a gateway) answers 404: not "accepted"."""
     await seed_healthy(db)
@@ -241,7 +242,7 @@ async def test_an_address_that_is_no_gateway_fails(
 
 
 async def test_the_gateway_switched_off_in_rocketchat_warns_in_gateway_mode(
-    db: AsyncDatabase[Doc], config: Config, http: httpx.AsyncClient
+    db: AsyncDatabase[Doc], config: Config, http: ProviderClient
 ) -> None:
     await seed_healthy(db)
     await set_setting(db, "Push_enable_gateway", False)
@@ -253,7 +254,7 @@ async def test_the_gateway_switched_off_in_rocketchat_warns_in_gateway_mode(
 
 
 async def test_an_unreachable_gateway_fails_and_a_working_one_only_warns(
-    db: AsyncDatabase[Doc], config: Config, http: httpx.AsyncClient, gateway: tuple[StubApp, str]
+    db: AsyncDatabase[Doc], config: Config, http: ProviderClient, gateway: tuple[StubApp, str]
 ) -> None:
     await seed_healthy(db)
     dead = f"http://127.0.0.1:{free_port()}"
@@ -273,7 +274,7 @@ async def test_an_unreachable_gateway_fails_and_a_working_one_only_warns(
     [("Push_enable", False), ("Troubleshoot_Disable_Notifications", True)],
 )
 async def test_push_switched_off_fails(
-    db: AsyncDatabase[Doc], config: Config, http: httpx.AsyncClient, setting_id: str, value: bool
+    db: AsyncDatabase[Doc], config: Config, http: ProviderClient, setting_id: str, value: bool
 ) -> None:
     await seed_healthy(db)
     await set_setting(db, setting_id, value)
@@ -283,7 +284,7 @@ async def test_push_switched_off_fails(
 
 
 async def test_no_device_tokens_fails(
-    db: AsyncDatabase[Doc], config: Config, http: httpx.AsyncClient
+    db: AsyncDatabase[Doc], config: Config, http: ProviderClient
 ) -> None:
     await seed_healthy(db)
     await db["_raix_push_app_tokens"].update_many({}, {"$set": {"enabled": False}})
@@ -293,7 +294,7 @@ async def test_no_device_tokens_fails(
 
 
 async def test_rocketchat_still_queueing_notifications_fails(
-    db: AsyncDatabase[Doc], config: Config, http: httpx.AsyncClient
+    db: AsyncDatabase[Doc], config: Config, http: ProviderClient
 ) -> None:
     await seed_healthy(db)
     entry = {"_id": "q1", "uid": "u-bob", "rid": "GENERAL", "mid": "m1", "ts": f.utcnow()}
@@ -305,7 +306,7 @@ async def test_rocketchat_still_queueing_notifications_fails(
 
 
 async def test_email_without_smtp_only_warns(
-    db: AsyncDatabase[Doc], config: Config, http: httpx.AsyncClient
+    db: AsyncDatabase[Doc], config: Config, http: ProviderClient
 ) -> None:
     await seed_healthy(db)
     await db["rocketchat_settings"].delete_many({"_id": {"$in": ["SMTP_Host", "From_Email"]}})
@@ -374,7 +375,7 @@ def direct_config(config: Config, tmp_path: Path, p8_mode: int = 0o600) -> Confi
 
 
 async def test_a_healthy_direct_deployment_passes_every_check(
-    db: AsyncDatabase[Doc], config: Config, http: httpx.AsyncClient, tmp_path: Path
+    db: AsyncDatabase[Doc], config: Config, http: ProviderClient, tmp_path: Path
 ) -> None:
     await seed_healthy(db)
     checks = await run_checks(direct_config(config, tmp_path), db, http)
@@ -383,7 +384,7 @@ async def test_a_healthy_direct_deployment_passes_every_check(
 
 
 async def test_a_world_readable_apns_key_fails(
-    db: AsyncDatabase[Doc], config: Config, http: httpx.AsyncClient, tmp_path: Path
+    db: AsyncDatabase[Doc], config: Config, http: ProviderClient, tmp_path: Path
 ) -> None:
     await seed_healthy(db)
     check = only_failure(await run_checks(direct_config(config, tmp_path, 0o644), db, http))
@@ -393,7 +394,7 @@ async def test_a_world_readable_apns_key_fails(
 
 
 async def test_an_unreadable_fcm_key_fails(
-    db: AsyncDatabase[Doc], config: Config, http: httpx.AsyncClient, tmp_path: Path
+    db: AsyncDatabase[Doc], config: Config, http: ProviderClient, tmp_path: Path
 ) -> None:
     await seed_healthy(db)
     missing = dataclasses.replace(
@@ -405,7 +406,7 @@ async def test_an_unreadable_fcm_key_fails(
 
 
 async def test_android_devices_without_fcm_credentials_fail(
-    db: AsyncDatabase[Doc], config: Config, http: httpx.AsyncClient, tmp_path: Path
+    db: AsyncDatabase[Doc], config: Config, http: ProviderClient, tmp_path: Path
 ) -> None:
     await seed_healthy(db)
     unset = dataclasses.replace(direct_config(config, tmp_path), fcm=FcmConfig())

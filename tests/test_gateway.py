@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-from collections.abc import AsyncIterator
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
 
+import anyio
+import httpx
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -12,12 +17,18 @@ from streamer.config import ConfigError, DeliveryConfig
 from streamer.delivery.base import Device
 from streamer.delivery.errors import CredentialsError, Outcome, TemporaryDeliveryError
 from streamer.delivery.gateway import RECHECK, GatewayPushkin, WorkspaceToken
-from streamer.delivery.http import USER_AGENT, ProviderClient, make_http_client
+from streamer.delivery.http import (
+    ANSWER_LIMIT,
+    USER_AGENT,
+    ProviderClient,
+    make_http_client,
+    never_sent,
+)
 from streamer.delivery.payload import gateway_body
 from streamer.devmongo import free_port
 from streamer.model import SETTINGS, WORKSPACE_CREDENTIALS
 from tests import factories
-from tests.servers import Reply, StubApp, serve_forward_proxy, serve_hang_up
+from tests.servers import Reply, StubApp, serve_connections, serve_forward_proxy, serve_hang_up
 
 Doc = dict[str, object]
 NOW = 1_700_000_000.0
@@ -340,10 +351,119 @@ async def test_pushes_take_the_proxy_the_environment_names(
     assert [r.path for r in stub.received()] == ["/push/gcm/send"]
 
 
-def test_a_proxy_variable_that_is_not_a_proxy_url_stops_the_start_without_quoting_it(
+@pytest.mark.anyio
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "ALL_PROXY"])
+@pytest.mark.parametrize("scheme", ["", "HTTP://"], ids=["bare", "upper"])
+async def test_a_proxy_is_taken_as_httpx_and_curl_take_it(
+    db: AsyncDatabase[Doc],
+    stub: StubApp,
+    gateway_url: str,
     monkeypatch: pytest.MonkeyPatch,
+    variable: str,
+    scheme: str,
 ) -> None:
-    monkeypatch.setenv("HTTPS_PROXY", "user:s3cret@proxy.internal:3128")
+    """`proxy:3128` is http://proxy:3128; ALL_PROXY serves every scheme without its own."""
+    await store_workspace_token(db, "workspace-token-1")
+    with serve_forward_proxy() as (proxy_url, targets):
+        monkeypatch.setenv(variable, scheme + proxy_url.removeprefix("http://"))
+        async with make_http_client(DeliveryConfig(timeout=5.0)) as http:
+            clock = Clock()
+            pushkin = GatewayPushkin(
+                http, lambda: [gateway_url], WorkspaceToken(db, clock), clock=clock
+            )
+            assert await pushkin.dispatch(CONTENT, ANDROID) is Outcome.SENT
+    assert targets == [f"{gateway_url}/push/gcm/send"]
+
+
+@pytest.mark.anyio
+async def test_no_proxy_may_name_a_port(
+    db: AsyncDatabase[Doc], stub: StubApp, gateway_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await store_workspace_token(db, "workspace-token-1")
+    with serve_forward_proxy() as (proxy_url, targets):
+        monkeypatch.setenv("HTTP_PROXY", proxy_url)
+        monkeypatch.setenv("NO_PROXY", gateway_url.removeprefix("http://"))
+        async with make_http_client(DeliveryConfig(timeout=5.0)) as http:
+            clock = Clock()
+            pushkin = GatewayPushkin(
+                http, lambda: [gateway_url], WorkspaceToken(db, clock), clock=clock
+            )
+            assert await pushkin.dispatch(CONTENT, ANDROID) is Outcome.SENT
+    assert targets == []
+
+
+@pytest.mark.parametrize("value", ["socks5://u:s3cret@proxy:1080", "http://u:s3cret@proxy:port"])
+def test_a_proxy_streamer_cannot_use_stops_the_start_without_quoting_it(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", value)
     with pytest.raises(ConfigError, match="HTTPS_PROXY is not an http") as raised:
         make_http_client(DeliveryConfig())
     assert "s3cret" not in str(raised.value)
+
+
+def test_an_injected_transport_is_used_whatever_the_environment_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "socks5://proxy:1080")
+    make_http_client(DeliveryConfig(), transport=httpx.AsyncHTTPTransport())
+
+
+@pytest.mark.anyio
+async def test_a_proxy_refusing_the_tunnel_means_the_push_never_left(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """So the next gateway may take it: nothing reached the first."""
+
+    def refuse(connection: socket.socket) -> None:
+        connection.recv(65536)
+        connection.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+
+    with serve_connections(refuse) as proxy_url:
+        monkeypatch.setenv("HTTPS_PROXY", proxy_url)
+        async with make_http_client(DeliveryConfig(timeout=5.0)) as http:
+            with pytest.raises(httpx.TransportError) as raised:
+                await http.post("https://gateway.example/push/gcm/send", content=b"{}")
+    assert never_sent(raised.value)
+
+
+def trickle(connection: socket.socket) -> None:
+    """An answer that never ends, a byte at a time, each well within the read timeout."""
+    connection.recv(65536)
+    connection.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    with contextlib.suppress(OSError):
+        for _ in range(600):
+            connection.sendall(b"1\r\nx\r\n")
+            time.sleep(0.05)
+
+
+def flood(connection: socket.socket) -> None:
+    connection.recv(65536)
+    size = 4 * ANSWER_LIMIT
+    connection.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n".encode())
+    with contextlib.suppress(OSError):
+        connection.sendall(b"x" * size)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("peer", "error"), [(trickle, httpx.ReadTimeout), (flood, httpx.ReadError)]
+)
+async def test_an_answer_without_end_is_cut_off(
+    peer: Callable[[socket.socket], None], error: type[Exception]
+) -> None:
+    """A peer trickling its answer would hold a delivery slot for ever; one sending
+    megabytes would fill the memory. Both are transport failures, retried later."""
+    with serve_connections(peer) as url:
+        async with make_http_client(DeliveryConfig(timeout=1.0)) as http:
+            with anyio.fail_after(20), pytest.raises(error):
+                await http.post(f"{url}/push/gcm/send", content=b"{}")
+
+
+@pytest.mark.anyio
+async def test_answers_are_asked_only_in_encodings_httpx_decodes(
+    pushkin: GatewayPushkin, stub: StubApp
+) -> None:
+    await pushkin.dispatch(CONTENT, ANDROID)
+    [request] = stub.received()
+    assert request.headers["accept-encoding"] == "gzip, deflate"

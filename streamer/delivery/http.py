@@ -33,6 +33,12 @@ DEFAULT_CONCURRENCY = DeliveryConfig().concurrency
 #: Idle keep-alive connections are closed after this many seconds.
 KEEPALIVE_EXPIRY = 60.0
 USER_AGENT = f"streamer/{__version__}"
+#: What `httpx.AsyncClient` asks for, and all httpx decodes without extra packages
+#: (left to aiohttp, it may offer zstd, which httpx would pass on undecoded).
+ACCEPT_ENCODING = "gzip, deflate"
+#: Bytes of a provider's answer read at most: theirs are a few hundred; a peer that
+#: answers without end must not fill the memory.
+ANSWER_LIMIT = 1 << 20
 
 
 def pool_limits(config: DeliveryConfig) -> httpx.Limits:
@@ -75,11 +81,14 @@ class ProviderClient:
     """httpx requests sent straight through one transport; responses read whole.
 
     Never follows redirects, keeps no cookies: a provider that redirects a push
-    is answered as it answered.
+    is answered as it answered. `timeout` bounds each step (connect, each read)
+    and the whole exchange too: a peer that trickles its answer byte by byte
+    would otherwise hold a delivery slot for ever.
     """
 
     def __init__(self, transport: httpx.AsyncBaseTransport, *, timeout: float) -> None:
         self._transport = transport
+        self._timeout = timeout
         self._extensions = {"timeout": httpx.Timeout(timeout).as_dict()}
 
     def build_request(
@@ -96,17 +105,39 @@ class ProviderClient:
             url,
             content=content,
             data=data,
-            headers={"user-agent": USER_AGENT, **(headers or {})},
+            headers={
+                "user-agent": USER_AGENT,
+                "accept-encoding": ACCEPT_ENCODING,
+                **(headers or {}),
+            },
             extensions=self._extensions,
         )
 
     async def send(self, request: httpx.Request) -> httpx.Response:
+        with anyio.move_on_after(self._timeout) as deadline:
+            return await self._exchange(request)
+        assert deadline.cancelled_caught
+        raise httpx.ReadTimeout(f"no whole answer within {self._timeout} s", request=request)
+
+    async def _exchange(self, request: httpx.Request) -> httpx.Response:
         response = await self._transport.handle_async_request(request)
         try:
-            await response.aread()
+            raw = bytearray()
+            async for chunk in response.aiter_raw():
+                raw += chunk
+                if len(raw) > ANSWER_LIMIT:
+                    raise httpx.ReadError(f"answer over {ANSWER_LIMIT} bytes", request=request)
         finally:
             await response.aclose()
-        return response
+        whole = httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            content=bytes(raw),
+            request=request,
+            extensions=response.extensions,
+        )
+        whole.read()  # decoded once, here
+        return whole
 
     async def post(
         self,
@@ -133,10 +164,10 @@ class ProviderClient:
 
 
 class EnvironmentProxies(httpx.AsyncBaseTransport):
-    """Each request direct, or through the proxy HTTP_PROXY / HTTPS_PROXY names for its
-    scheme, unless NO_PROXY lists its host: what Rocket.Chat's own requests and the
-    doctor's (httpx's client) do. A transport alone ignores these variables, so
-    behind an egress proxy no push would leave while the doctor found the gateway.
+    """Each request direct, or through the proxy HTTPS_PROXY / HTTP_PROXY (else
+    ALL_PROXY) names for its scheme, unless NO_PROXY lists its host (or host:port):
+    what Rocket.Chat's own requests and APNs' httpx client do. A transport alone
+    ignores these variables, so behind an egress proxy no push would leave.
 
     The variables are read once, at start; the route is decided once per host.
     """
@@ -144,8 +175,8 @@ class EnvironmentProxies(httpx.AsyncBaseTransport):
     def __init__(self, make: Callable[[httpx.Proxy | None], httpx.AsyncBaseTransport]) -> None:
         self._make = make
         self._proxies = _environment_proxies()
-        #: (scheme, host) → the scheme whose proxy it takes, or None: direct.
-        self._routes: dict[tuple[str, str], str | None] = {}
+        #: (scheme, host, port) → the proxy variable it takes, or None: direct.
+        self._routes: dict[tuple[str, str, int | None], str | None] = {}
         self._transports: dict[str | None, httpx.AsyncBaseTransport] = {}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
@@ -156,29 +187,38 @@ class EnvironmentProxies(httpx.AsyncBaseTransport):
             await transport.aclose()
 
     def _transport_for(self, url: httpx.URL) -> httpx.AsyncBaseTransport:
-        key = (url.scheme, url.host)
+        key = (url.scheme, url.host, url.port)
         if key not in self._routes:
-            proxied = url.scheme in self._proxies and not urllib.request.proxy_bypass(url.host)
-            self._routes[key] = url.scheme if proxied else None
+            self._routes[key] = self._route(url)
         route = self._routes[key]
         if route not in self._transports:
             self._transports[route] = self._make(None if route is None else self._proxies[route])
         return self._transports[route]
 
+    def _route(self, url: httpx.URL) -> str | None:
+        variable = url.scheme if url.scheme in self._proxies else "all"
+        if variable not in self._proxies:
+            return None
+        address = url.host if url.port is None else f"{url.host}:{url.port}"
+        return None if urllib.request.proxy_bypass(address) else variable
+
 
 def _environment_proxies() -> dict[str, httpx.Proxy]:
-    """HTTP_PROXY and HTTPS_PROXY, checked now rather than at the first push."""
+    """The proxy variables, by scheme ("all" for ALL_PROXY), checked now rather than at
+    the first push. A value without a scheme is http://, as httpx and curl take it."""
     proxies: dict[str, httpx.Proxy] = {}
-    for scheme, url in urllib.request.getproxies().items():
-        if scheme not in ("http", "https"):
+    for scheme, value in urllib.request.getproxies().items():
+        if scheme not in ("http", "https", "all"):
             continue
-        # The value is not quoted back: it may hold the proxy's password.
-        if not url.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"{scheme.upper()}_PROXY is not an http:// or https:// proxy URL; "
-                "write it as http://host:port (or unset it)"
-            )
-        proxies[scheme] = httpx.Proxy(url)
+        url = value if "://" in value else f"http://{value}"
+        # The value is never quoted back: it may hold the proxy's password.
+        problem = f"{scheme.upper()}_PROXY is not an http:// or https:// proxy URL"
+        if not url.lower().startswith(("http://", "https://")):
+            raise ConfigError(f"{problem} (streamer speaks to no other kind); unset it or fix it")
+        try:
+            proxies[scheme] = httpx.Proxy(url)
+        except (httpx.InvalidURL, ValueError):
+            raise ConfigError(f"{problem}; write it as http://host:port") from None
     return proxies
 
 
@@ -186,9 +226,10 @@ def make_http_client(
     config: DeliveryConfig, *, transport: httpx.AsyncBaseTransport | None = None
 ) -> ProviderClient:
     """The one client for the process; close it with `aclose()` at shutdown."""
-    limits = pool_limits(config)
-    default = EnvironmentProxies(lambda proxy: AiohttpTransport(limits=limits, proxy=proxy))
-    return ProviderClient(transport or default, timeout=config.timeout)
+    if transport is None:
+        limits = pool_limits(config)
+        transport = EnvironmentProxies(lambda proxy: AiohttpTransport(limits=limits, proxy=proxy))
+    return ProviderClient(transport, timeout=config.timeout)
 
 
 def never_sent(exc: httpx.TransportError) -> bool:
@@ -197,13 +238,17 @@ def never_sent(exc: httpx.TransportError) -> bool:
 
     httpx-aiohttp reports every aiohttp connection error as `ConnectTimeout`, a
     server that hung up after reading the request included; only a failure to
-    connect, or a URL no request can be made to, proves nothing was sent.
+    connect (to the server, or through a proxy that refused the tunnel), or a URL
+    no request can be made to, proves nothing was sent.
     """
     cause = exc.__cause__
     if isinstance(cause, aiohttp.ClientError):
         return isinstance(
             cause,
-            aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError | aiohttp.InvalidURL,
+            aiohttp.ClientConnectorError
+            | aiohttp.ConnectionTimeoutError
+            | aiohttp.InvalidURL
+            | aiohttp.ClientHttpProxyError,
         )
     return isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.UnsupportedProtocol)
 
