@@ -24,10 +24,14 @@ def mongo_client(uri: str, *, server_selection_ms: int) -> AsyncMongoClient[Doc]
     restart loop): most often a password with an unescaped `/`, `@` or `:`, else a
     bad port, an empty host or a TLS file that is not there.
     """
+    # Dates Python cannot hold (JavaScript's reach year 275760) come as `DatetimeMS`,
+    # which the parsers reject as one malformed document; as datetimes they would fail
+    # the whole batch they are in, and the restarted daemon would meet them again.
+    options: dict[str, Any] = {"datetime_conversion": "DATETIME_AUTO"}
+    if "serverselectiontimeoutms" not in uri.lower():
+        options["serverSelectionTimeoutMS"] = server_selection_ms
     try:
-        if "serverselectiontimeoutms" in uri.lower():
-            return AsyncMongoClient(uri)
-        return AsyncMongoClient(uri, serverSelectionTimeoutMS=server_selection_ms)
+        return AsyncMongoClient(uri, **options)
     except InvalidURI as exc:
         raise ConfigError(
             f"[mongo] uri is not a valid MongoDB URI ({_hidden(exc, uri)}): escape special "

@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+from bson import DatetimeMS
 from pymongo.database import Database
 
 from tests import factories as f
@@ -241,6 +242,24 @@ def explain(daemon: Daemon, mid: str, user: str) -> str:
         check=True,
     )
     return result.stdout
+
+
+def test_a_date_javascript_writes_and_python_cannot_hold_costs_its_document_only(
+    world: World, daemon_for: Any, gateway: tuple[StubApp, str]
+) -> None:
+    """JavaScript dates reach year 275760 (an importer's "never", `new Date(8.64e15)`);
+    Python's stop at 9999. Read as a datetime, such a date failed the whole batch
+    before any handler, and the restarted daemon met it again: no push for anyone."""
+    stub, _ = gateway
+    never = DatetimeMS(8_640_000_000_000_000)
+    daemon = daemon_for()
+    bad = world.say(world.dm, "from the far future", ts=never)
+    good = world.say(world.dm, "still here?")
+    stub.wait_for(1, GCM, timeout=30)
+    daemon.wait_for_log("malformed_document", mid=bad["_id"])
+    [request] = stub.received(GCM)
+    assert request.json()["options"]["payload"]["messageId"] == good["_id"]
+    assert daemon.terminate() == 0
 
 
 def test_readyz_says_when_the_workspace_has_no_token_before_any_push(
