@@ -35,6 +35,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
 from streamer import devmongo
+from streamer.clock import ServerClock
 from streamer.config import Config, ConfigError, redact_uri
 from streamer.courier import Courier
 from streamer.delivery.apns import ApnsPushkin
@@ -173,6 +174,7 @@ class Daemon:
         self.directory = CachedDirectory(
             db, db[config.mongo.state_collection], fallback=DatabaseDirectory(db)
         )
+        self.clock = ServerClock(db.client)
 
     @asynccontextmanager
     async def serving_http(self) -> AsyncIterator[None]:
@@ -194,14 +196,16 @@ class Daemon:
     async def resources(self) -> AsyncIterator[None]:
         """Load what must be loaded before the first event, and close it all after."""
         config = self.config
+        await self.clock.read()
         await self.directory.load()
         self.queue = Queue(
             self.db[config.mongo.queue_collection],
             config.queue,
             instance_id=self.instance_id,
+            clock=self.clock,
         )
         await self.queue.load()
-        self.ingest = Ingest(self.directory, self.queue, config)
+        self.ingest = Ingest(self.directory, self.queue, config, self.clock)
         await self.ingest.settings()
         async with make_http_client(config.delivery) as client:
             ledger = SentLedger(self.db, resend_unknown=config.delivery.unknown_outcome == "resend")
@@ -213,8 +217,11 @@ class Daemon:
                 config.delivery,
                 cap=InFlightCap(config.delivery.concurrency),
                 ledger=ledger,
+                clock=self.clock,
             )
-            self.courier = Courier(self.directory, self.queue, self.sender, self.ingest, config)
+            self.courier = Courier(
+                self.directory, self.queue, self.sender, self.ingest, config, self.clock
+            )
             try:
                 yield
             finally:
@@ -239,9 +246,11 @@ class Daemon:
             on_messages=self.ingest.on_messages,
             on_reads=self.ingest.on_reads,
             on_presence=self.ingest.on_presence,
+            clock=self.clock,
         )
         async with anyio.create_task_group() as tg:
             tg.start_soon(_run_until, shutdown, sources.run)
+            tg.start_soon(self.clock.keep_reading)
             tg.start_soon(self._watch_health, sources)
             tg.start_soon(self._report_stopping, shutdown)
             await tg.start(self.queue.follow)

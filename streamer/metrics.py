@@ -48,4 +48,7 @@ HISTORY_LOST = Counter(
     "Resume tokens that fell off the oplog (events in between were skipped)",
     ["stream"],
 )
+HOST_CLOCK_SKEW = Gauge(
+    "streamer_host_clock_skew_seconds", "This host's clock minus MongoDB's, which the queue uses"
+)
 RECONNECTS = Counter("streamer_mongo_reconnects", "Change-stream reconnect attempts", ["stream"])

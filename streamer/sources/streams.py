@@ -214,6 +214,7 @@ class Sources:
         on_reads: OnReads,
         on_presence: OnPresence,
         tuning: StreamTuning = StreamTuning(),
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._db = db
         self._directory = directory
@@ -239,7 +240,7 @@ class Sources:
         #: Streams opened since this process started: only a start follows another
         #: instance's position, not a reconnect (this one's own is current then).
         self._opened_once: set[str] = set()
-        self._lags = {stream.name: Lag() for stream in self.streams}
+        self._lags = {stream.name: Lag(clock) for stream in self.streams}
         for name, lag in self._lags.items():
             metrics.STREAM_LAG.labels(name).set_function(lag)
 
