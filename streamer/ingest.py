@@ -103,13 +103,14 @@ class Ingest:
     ) -> list[Entry]:
         """Judged old or live as at its insert (the server's time, as Rocket.Chat judges
         it in-process): a message inserted while the daemon was down or reconnecting
-        was live, and is late, not old. Delays run from `now`."""
+        was live, and is late, not old. Its entries are as old as the insert, so
+        `max_age` counts from it as Rocket.Chat's queue TTL does; delays run from `now`."""
         outcome = await decide_message(
             self._directory, event.message, settings, self._config, event.cluster_time
         )
         counts.update(decision_counts(outcome))
         return [
-            self._entry(decision, kind, settings, now)
+            self._entry(decision, kind, settings, now, event.cluster_time)
             for decision in outcome.decisions
             for kind in self._kinds(decision)
         ]
@@ -122,7 +123,9 @@ class Ingest:
             kinds.append("email")
         return kinds
 
-    def _entry(self, decision: Decision, kind: Kind, settings: Settings, now: float) -> Entry:
+    def _entry(
+        self, decision: Decision, kind: Kind, settings: Settings, now: float, inserted_at: float
+    ) -> Entry:
         return Entry(
             uid=decision.uid,
             rid=decision.rid,
@@ -135,5 +138,5 @@ class Ingest:
                 away_since=self._directory.away_since(decision.uid),
                 always_notify_mobile=settings.always_notify_mobile,
             ),
-            created_at=now,
+            created_at=inserted_at,
         )

@@ -93,6 +93,24 @@ async def test_a_message_is_judged_old_or_live_as_at_its_insert_not_when_it_is_r
     assert queued == {while_down["_id"]}
 
 
+async def test_an_entry_is_as_old_as_its_message_insert_not_its_reading(
+    db: AsyncDatabase[Doc], sync_db: Database[Doc]
+) -> None:
+    """`[queue] max_age` is Rocket.Chat's queue TTL, counted from the message: after an
+    outage of hours, the messages inserted at its start must not get a fresh two hours."""
+    world = World(sync_db)
+    directory, queue = await loaded(db, Queue)
+    now = time.time()
+    early = f.message(world.dm, world.alice, "sent as the daemon went down")
+    early["ts"] = dt.datetime.fromtimestamp(now - 3 * 3600, dt.UTC)
+    batch = [MessageInserted(Message.from_doc(early), cluster_time=now - 3 * 3600)]
+    await Ingest(directory, queue, Config(), clock=lambda: now).on_messages(batch)
+    docs = await db["streamer_queue"].find().to_list()
+    assert {doc["kind"] for doc in docs} == {"push", "email"}
+    assert {doc["created_at"] for doc in docs} == {now - 3 * 3600}
+    assert {doc["due_at"] for doc in docs} == {now}  # offline: delays run from the reading
+
+
 class BuggyQueue(Queue):
     """The real queue with a bug met by one message's entries (see `_handle`'s replay)."""
 
