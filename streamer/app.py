@@ -43,7 +43,7 @@ from streamer.delivery.base import Pushkin
 from streamer.delivery.fcm import FcmPushkin
 from streamer.delivery.gateway import GatewayPushkin, WorkspaceToken
 from streamer.delivery.http import HttpClient, InFlightCap, make_http_client
-from streamer.delivery.ledger import SentLedger
+from streamer.delivery.ledger import SentLedger, ledger_ttl
 from streamer.delivery.sender import PushSender
 from streamer.directory import DatabaseDirectory
 from streamer.health import Health, serve_http
@@ -208,7 +208,11 @@ class Daemon:
         self.ingest = Ingest(self.directory, self.queue, config, self.clock)
         await self.ingest.settings()
         async with make_http_client(config.delivery) as client:
-            ledger = SentLedger(self.db, resend_unknown=config.delivery.unknown_outcome == "resend")
+            ledger = SentLedger(
+                self.db,
+                ttl=ledger_ttl(config.queue.max_age),
+                resend_unknown=config.delivery.unknown_outcome == "resend",
+            )
             await ledger.ensure_indexes()
             pushkins = self._pushkins(client)
             self.sender = PushSender(

@@ -66,8 +66,9 @@ class QueueConfig:
     clear_on_read: Literal["user", "room"] = "user"
     reschedule_on_presence: bool = True
     always_notify_mobile: bool = False
-    #: Entries older than this are dropped, like Rocket.Chat's 2 h queue TTL.
-    max_age: float = 7200.0
+    #: Entries older than this are dropped, like Rocket.Chat's 2 h queue TTL; at most
+    #: 30 days, which the push ledger's records then outlive.
+    max_age: float = field(default=7200.0, metadata={"max": 30 * 86_400})
     #: How long an instance owns an entry it took for delivery before another may.
     lease_seconds: float = field(default=60.0, metadata={"min": 1})
 

@@ -9,10 +9,11 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
 from structlog.testing import capture_logs
 
+from streamer.config import QueueConfig
 from streamer.delivery import ledger as ledger_module
 from streamer.delivery.base import Device
 from streamer.delivery.errors import Outcome
-from streamer.delivery.ledger import SENT_LEDGER, SentLedger
+from streamer.delivery.ledger import SENT_LEDGER, SentLedger, ledger_ttl
 from tests.failpoints import BAD_VALUE, failing_commands
 
 Doc = dict[str, object]
@@ -30,6 +31,12 @@ async def ttl_of(db: AsyncDatabase[Doc]) -> object:
 async def test_records_expire_by_ttl_index(db: AsyncDatabase[Doc]) -> None:
     await SentLedger(db, ttl=600).ensure_indexes()
     assert await ttl_of(db) == 600
+
+
+def test_records_outlive_every_entry_that_may_still_retry_them() -> None:
+    """Kept a day at least; with `[queue] max_age` of days, as long as an entry lives."""
+    assert ledger_ttl(QueueConfig().max_age) == 86_400
+    assert ledger_ttl(3 * 86_400) > 3 * 86_400
 
 
 @pytest.mark.anyio

@@ -64,8 +64,11 @@ log = structlog.get_logger("streamer.delivery.ledger")
 Doc = dict[str, Any]
 
 SENT_LEDGER = "streamer_sent"
-#: Records outlive any retry: the queue keeps an entry 2 h and gives up after 1 h.
+#: Records outlive any retry: the queue drops an entry `[queue] max_age` after its
+#: message's insert (2 h by default); a day is the least kept.
 DEFAULT_TTL = 86_400.0
+#: Beyond `max_age`, for the last attempt taken before it to end (leases, a slow SMTP).
+LAST_ATTEMPT_MARGIN = 3600.0
 SENDING = "sending"
 SENT = "sent"
 INDEX_OPTIONS_CONFLICT = 85
@@ -76,6 +79,12 @@ UNKNOWN_ACTIONS = {
     False: "skipped: at most one push per device ([delivery] unknown_outcome = skip)",
     True: "sent again: at least once per device ([delivery] unknown_outcome = resend)",
 }
+
+
+def ledger_ttl(max_age: float) -> float:
+    """How long records are kept: a record expiring while an entry may still be
+    retried would let the retry push a device that has the push already."""
+    return max(DEFAULT_TTL, max_age + LAST_ATTEMPT_MARGIN)
 
 
 def _key(uid: str, mid: str, device: Device) -> Doc:
