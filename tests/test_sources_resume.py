@@ -176,6 +176,23 @@ async def test_a_restarted_instance_resumes_messages_where_another_got_further(
     assert restarted.messages == [later["_id"]]
 
 
+async def test_a_shared_position_only_moves_forward(db: AsyncDatabase[Doc]) -> None:
+    """Instances without an instance_id share the `default` position. One behind (a slow
+    batch) saving after one further on must not move it back: a restart would read
+    again messages whose entries were delivered since, and mail them twice."""
+    behind, ahead = ResumeTokens(db[STATE], "default"), ResumeTokens(db[STATE], "default")
+    early, late = (f.message(GENERAL, ALICE, text) for text in ("early", "late"))
+    async with await db[MESSAGES].watch() as stream:
+        await db[MESSAGES].insert_many([early, late])
+        early_token, late_token = (await stream.next())["_id"], (await stream.next())["_id"]
+    await ahead.save("messages", late_token)
+    await behind.save("messages", early_token)
+    assert await saved_token(db) == late_token
+    later = {"_data": late_token["_data"] + "FF"}  # the next event's token
+    await behind.save("messages", later)
+    assert await saved_token(db) == later
+
+
 async def unresumable_token(db: AsyncDatabase[Doc]) -> Doc:
     """A well-formed token for an event the server cannot find at its cluster time."""
     async with await db["forgery"].watch() as stream:

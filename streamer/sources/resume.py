@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from typing import Any, NamedTuple
 
 import structlog
 from bson import Timestamp
 from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import DuplicateKeyError
 
 from streamer import metrics
 
@@ -110,26 +112,42 @@ class ResumeTokens:
         )
 
     async def save(self, stream: str, token: Mapping[str, Any]) -> None:
-        await self._save(stream, {"token": dict(token)}, unset="start_at")
+        """Only ever forward. Instances without an `instance_id` share one position, and
+        one behind would move it back: a restart would then queue again messages whose
+        entries were delivered since (mail twice). Behind the saved token, the save is
+        left out."""
+        behind_this_one = [
+            {"token": {"$exists": False}},
+            {"token._data": {"$not": {"$type": "string"}}},
+            {"token._data": {"$lte": _event_order(token)}},
+        ]
+        await self._save(stream, {"token": dict(token)}, "start_at", {"$or": behind_this_one})
 
     async def save_start(self, stream: str, at: Timestamp) -> None:
         """Where a stream whose history was lost reopened, until its first batch is
         handled: a restart before then reopens there, not later, skipping nothing more."""
-        await self._save(stream, {"start_at": at, LOST_AT: float(at.time)}, unset="token")
+        await self._save(stream, {"start_at": at, LOST_AT: float(at.time)}, "token")
 
     async def forget(self, stream: str) -> None:
         """A position lost with no restart point known: none is kept, but the loss is
         (other instances must not follow this one across it)."""
-        await self._write(stream, {LOST_AT: time.time()}, unset=("token", "start_at"))
+        await self._write(stream, {LOST_AT: time.time()}, ("token", "start_at"))
 
-    async def _save(self, stream: str, position: Doc, unset: str) -> None:
+    async def _save(
+        self, stream: str, position: Doc, unset: str, only_if: Doc | None = None
+    ) -> None:
         now = time.time()
-        await self._write(stream, {**position, "saved_at": now}, unset=(unset,))
+        # A filtered upsert that misses inserts, and the _id already there refuses it:
+        # the position saved is further on, and stays.
+        with suppress(DuplicateKeyError):
+            await self._write(stream, {**position, "saved_at": now}, (unset,), only_if)
         self._track(stream, now)
 
-    async def _write(self, stream: str, fields: Doc, unset: tuple[str, ...]) -> None:
+    async def _write(
+        self, stream: str, fields: Doc, unset: tuple[str, ...], only_if: Doc | None = None
+    ) -> None:
         await self._state.update_one(
-            {"_id": self.key(stream)},
+            {"_id": self.key(stream), **(only_if or {})},
             {"$set": {**fields, "stream": stream}, "$unset": dict.fromkeys(unset, "")},
             upsert=True,
         )
