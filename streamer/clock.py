@@ -57,7 +57,8 @@ class ServerClock:
         self._wall = wall
         self._monotonic = monotonic
         self._offset = wall() - monotonic()
-        self._read = False
+        #: The host's clock minus MongoDB's at the last reading; None before one.
+        self.skew: float | None = None
         self._skew_said = 0.0
 
     def __call__(self) -> float:
@@ -72,11 +73,11 @@ class ServerClock:
         if server_time is None:
             log.warning("server_clock_unreadable", reply_field="localTime")
             return
-        if self._read and answered - sent > SLOW_READING:
+        if self.skew is not None and answered - sent > SLOW_READING:
             return
         self._offset = server_time + HALF_A_MILLISECOND - (sent + answered) / 2
-        self._read = True
-        self._say_skew(self._wall() - self())
+        self.skew = self._wall() - self()
+        self._say_skew(self.skew)
 
     async def keep_reading(self, interval: float = READ_INTERVAL) -> None:
         """Read the server's time every `interval`, for ever; a failed reading keeps the

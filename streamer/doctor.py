@@ -24,6 +24,7 @@ from pymongo import DESCENDING
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
+from streamer.clock import ServerClock
 from streamer.config import Config, ConfigError, override_settings
 from streamer.delivery.apns import load_signing_key
 from streamer.delivery.errors import is_temporary
@@ -49,6 +50,8 @@ NOTIFICATION_QUEUE = "rocketchat_notification_queue"
 MIN_ROCKETCHAT_VERSION = (0, 74, 3)
 #: How far back "Rocket.Chat is still queueing notifications" is looked for.
 QUEUE_WINDOW = 600.0
+#: Seconds the host clock may differ from MongoDB's before the doctor warns.
+CLOCK_TOLERANCE = 60.0
 #: Seconds to wait for MongoDB before declaring it unreachable.
 MONGO_TIMEOUT_MS = 5000
 #: A device token no phone has: the gateway probe can never notify anyone.
@@ -83,6 +86,8 @@ class Context:
     settings: Settings
     workspace_token: StoredToken | None
     now: float
+    #: This host's clock, as `now` was read from.
+    wall: Callable[[], float]
 
 
 def _pass(name: str, detail: str) -> Check:
@@ -90,7 +95,10 @@ def _pass(name: str, detail: str) -> Check:
 
 
 async def run_checks(
-    config: Config, db: AsyncDatabase[Doc], client: HttpClient, now: float | None = None
+    config: Config,
+    db: AsyncDatabase[Doc],
+    client: HttpClient,
+    wall: Callable[[], float] = time.time,
 ) -> list[Check]:
     """Every check of SPEC §8 for this deployment; MongoDB first, as the rest need it,
     then that the database is Rocket.Chat's, or the rest would judge built-in defaults."""
@@ -107,7 +115,8 @@ async def run_checks(
         http=client,
         settings=settings,
         workspace_token=await stored_workspace_token(db),
-        now=time.time() if now is None else now,
+        now=wall(),
+        wall=wall,
     )
     checks = [mongo, rocketchat]
     for check in _CHECKS[config.delivery.mode]:
@@ -498,6 +507,24 @@ async def _not_configured(ctx: Context, name: str, kind: str, key: str) -> Check
     )
 
 
+async def check_host_clock(ctx: Context) -> Check:
+    name = "Host clock"
+    clock = ServerClock(ctx.db.client, wall=ctx.wall)
+    await clock.read()
+    skew = clock.skew or 0.0
+    if abs(skew) <= CLOCK_TOLERANCE:
+        return _pass(name, f"within {CLOCK_TOLERANCE:.0f} s of MongoDB's")
+    return Check(
+        name,
+        Status.WARN,
+        f"this host's clock is {_duration(abs(skew))} {'ahead of' if skew > 0 else 'behind'} "
+        "MongoDB's: the queue keeps MongoDB's time, but APNs and FCM tokens, the workspace "
+        "token's expiry and mail dates go by this host's (APNs and FCM refuse tokens dated "
+        "far off)",
+        "Run NTP (chrony, systemd-timesyncd) on this host and on MongoDB's.",
+    )
+
+
 CheckFunction = Callable[[Context], Awaitable[Check]]
 _COMMON: list[CheckFunction] = [
     check_rocketchat_version,
@@ -506,6 +533,7 @@ _COMMON: list[CheckFunction] = [
     check_rocketchat_queue_disabled,
     check_settings_types,
     check_email,
+    check_host_clock,
 ]
 _CHECKS: dict[str, list[CheckFunction]] = {
     "gateway": [

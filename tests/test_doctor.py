@@ -11,6 +11,7 @@ import datetime as dt
 import io
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -115,12 +116,25 @@ async def test_a_healthy_gateway_deployment_passes_every_check(
     await seed_healthy(db)
     checks = await run_checks(config, db, http)
     assert [c for c in checks if c.status is not Status.PASS] == []
-    assert len(checks) == 12
+    assert len(checks) == 13
     probe = gateway[0].received(GATEWAY_PATH)
     assert len(probe) == 1
     assert probe[0].headers["authorization"] == f"Bearer {WORKSPACE_TOKEN}"
     assert probe[0].json()["token"] == doctor.PROBE_DEVICE_TOKEN
     assert "6.10.2" in by_name(checks)["Rocket.Chat version"].detail
+
+
+async def test_a_host_clock_far_from_mongodbs_warns(
+    db: AsyncDatabase[Doc], config: Config, http: ProviderClient, gateway: tuple[StubApp, str]
+) -> None:
+    """The local mongod keeps this machine's true time; the 'host' here is 10 min behind."""
+    await seed_healthy(db)
+    checks = await run_checks(config, db, http, wall=lambda: time.time() - 600)
+    clock = by_name(checks)["Host clock"]
+    assert clock.status is Status.WARN
+    assert "10 min behind MongoDB's" in clock.detail
+    assert "NTP" in clock.fix
+    assert failed(checks) == []
 
 
 async def test_a_database_without_rocket_chat_settings_stops_the_checks(
