@@ -10,7 +10,6 @@ presence and devices are read as they are now.
 from __future__ import annotations
 
 import datetime as dt
-import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
@@ -19,6 +18,7 @@ from bson import Timestamp
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import PyMongoError
 
+from streamer.clock import ServerClock
 from streamer.config import Config, override_settings
 from streamer.decisions import decide_message
 from streamer.directory import DatabaseDirectory, Directory, one_message
@@ -58,9 +58,11 @@ async def _explain_live(config: Config, message_id: str, user: str | None, out: 
     try:
         db = client[config.mongo.database]
         away = await load_away_since(db[config.mongo.state_collection])
+        clock = ServerClock(client)  # "away since" is MongoDB's time, as the daemon's queue
+        await clock.read()
         await explain(
             DatabaseDirectory(db), message_id, config, out,
-            user=user, now=time.time(), away=away, oplog=client["local"]["oplog.rs"],
+            user=user, now=clock(), away=away, oplog=client["local"]["oplog.rs"],
         )  # fmt: skip
     finally:
         await client.close()
