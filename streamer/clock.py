@@ -10,7 +10,9 @@ instance take a lease that was still live (an email twice, a push lost under
 So each instance reads the primary's clock (`hello`'s `localTime`, taken as
 halfway through the round trip) and keeps the offset from its own monotonic
 clock. Between readings time runs on the monotonic clock, which no step moves;
-every instance is then within a round trip and a millisecond of the others.
+every instance is then within a round trip and a millisecond of the others, as
+long as the replica set's members agree among themselves (a fail-over moves
+everyone to the new primary's clock within a reading interval).
 """
 
 from __future__ import annotations
@@ -29,6 +31,13 @@ from streamer.metrics import HOST_CLOCK_SKEW
 from streamer.model import to_epoch
 
 log = structlog.get_logger("streamer.clock")
+
+
+def _since_boot() -> float:
+    """Monotonic, and counting while the host is suspended (CLOCK_MONOTONIC stops): a
+    clock that fell behind by a suspension would write leases already expired."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
 
 #: Seconds between readings: drift between two readings stays far below a millisecond.
 READ_INTERVAL = 60.0
@@ -51,7 +60,7 @@ class ServerClock:
         client: AsyncMongoClient[dict[str, Any]],
         *,
         wall: Callable[[], float] = time.time,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = _since_boot,
     ) -> None:
         self._client = client
         self._wall = wall

@@ -384,9 +384,9 @@ async def check_workspace_token(ctx: Context) -> Check:
 
 def _duration(seconds: float) -> str:
     if seconds < 120:
-        return f"{int(seconds)} s"
+        return f"{round(seconds)} s"
     if seconds < 7200:
-        return f"{int(seconds // 60)} min"
+        return f"{round(seconds / 60)} min"
     return f"{seconds / 3600:.1f} h"
 
 
@@ -510,8 +510,13 @@ async def _not_configured(ctx: Context, name: str, kind: str, key: str) -> Check
 async def check_host_clock(ctx: Context) -> Check:
     name = "Host clock"
     clock = ServerClock(ctx.db.client, wall=ctx.wall)
-    await clock.read()
-    skew = clock.skew or 0.0
+    try:
+        await clock.read()
+    except PyMongoError as exc:
+        return Check(name, Status.WARN, f"MongoDB's time could not be read: {exc}")
+    skew = clock.skew
+    if skew is None:
+        return Check(name, Status.WARN, "MongoDB's hello answer carries no localTime")
     if abs(skew) <= CLOCK_TOLERANCE:
         return _pass(name, f"within {CLOCK_TOLERANCE:.0f} s of MongoDB's")
     return Check(

@@ -27,7 +27,7 @@ from streamer import devmongo
 from streamer.config import AppConfig, Config
 from streamer.model import MESSAGES, SETTINGS, SUBSCRIPTIONS
 from streamer.sources.events import MessageInserted
-from streamer.sources.resume import ResumeTokens
+from streamer.sources.resume import Position, ResumeTokens
 from tests import factories as f
 from tests.failpoints import fail_commands
 from tests.test_sources import (
@@ -179,7 +179,9 @@ async def test_a_restarted_instance_resumes_messages_where_another_got_further(
 async def test_a_shared_position_only_moves_forward(db: AsyncDatabase[Doc]) -> None:
     """Instances without an instance_id share the `default` position. One behind (a slow
     batch) saving after one further on must not move it back: a restart would read
-    again messages whose entries were delivered since, and mail them twice."""
+    again messages whose entries were delivered since, and mail them twice. Its own
+    reconnects still resume where it got to: the changes in between, the other
+    instance's caches are not this one's."""
     behind, ahead = ResumeTokens(db[STATE], "default"), ResumeTokens(db[STATE], "default")
     early, late = (f.message(GENERAL, ALICE, text) for text in ("early", "late"))
     async with await db[MESSAGES].watch() as stream:
@@ -188,6 +190,7 @@ async def test_a_shared_position_only_moves_forward(db: AsyncDatabase[Doc]) -> N
     await ahead.save("messages", late_token)
     await behind.save("messages", early_token)
     assert await saved_token(db) == late_token
+    assert await behind.load("messages") == Position(early_token)  # its reconnect
     later = {"_data": late_token["_data"] + "FF"}  # the next event's token
     await behind.save("messages", later)
     assert await saved_token(db) == later

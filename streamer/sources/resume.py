@@ -21,7 +21,7 @@ behind that instant reads on from its own.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
 from typing import Any, NamedTuple
 
@@ -91,20 +91,29 @@ def _later(token: Mapping[str, Any], than: Position) -> bool:
 class ResumeTokens:
     """Loads and saves one instance's resume tokens; exposes each token's age as a metric."""
 
-    def __init__(self, state: AsyncCollection[Doc], instance: str) -> None:
+    def __init__(
+        self, state: AsyncCollection[Doc], instance: str, clock: Callable[[], float] = time.time
+    ) -> None:
         self._state = state
         self._instance = instance
+        self._clock = clock
         self._saved_at: dict[str, float] = {}
+        #: Where this process's own streams got to: a reconnect resumes there, not at
+        #: the saved position, which instances without an `instance_id` share.
+        self._held: dict[str, Position] = {}
 
     def key(self, stream: str) -> str:
         return f"resume:{self._instance}:{stream}"
 
     async def load(self, stream: str) -> Position:
+        held = self._held.get(stream)
+        if held is not None:
+            return held
         doc = await self._state.find_one({"_id": self.key(stream)})
         if doc is None:
             return Position()
         saved_at = doc.get("saved_at")
-        self._track(stream, float(saved_at) if isinstance(saved_at, int | float) else time.time())
+        self._track(stream, float(saved_at) if isinstance(saved_at, int | float) else self._clock())
         token, start_at = doc.get("token"), doc.get("start_at")
         return Position(
             token if isinstance(token, Mapping) else None,
@@ -115,7 +124,8 @@ class ResumeTokens:
         """Only ever forward. Instances without an `instance_id` share one position, and
         one behind would move it back: a restart would then queue again messages whose
         entries were delivered since (mail twice). Behind the saved token, the save is
-        left out."""
+        left out; this process still resumes from its own token on a reconnect."""
+        self._held[stream] = Position(token)
         behind_this_one = [
             {"token": {"$exists": False}},
             {"token._data": {"$not": {"$type": "string"}}},
@@ -126,17 +136,19 @@ class ResumeTokens:
     async def save_start(self, stream: str, at: Timestamp) -> None:
         """Where a stream whose history was lost reopened, until its first batch is
         handled: a restart before then reopens there, not later, skipping nothing more."""
+        self._held[stream] = Position(start_at=at)
         await self._save(stream, {"start_at": at, LOST_AT: float(at.time)}, "token")
 
     async def forget(self, stream: str) -> None:
         """A position lost with no restart point known: none is kept, but the loss is
         (other instances must not follow this one across it)."""
-        await self._write(stream, {LOST_AT: time.time()}, ("token", "start_at"))
+        self._held.pop(stream, None)
+        await self._write(stream, {LOST_AT: self._clock()}, ("token", "start_at"))
 
     async def _save(
         self, stream: str, position: Doc, unset: str, only_if: Doc | None = None
     ) -> None:
-        now = time.time()
+        now = self._clock()
         # A filtered upsert that misses inserts, and the _id already there refuses it:
         # the position saved is further on, and stays.
         with suppress(DuplicateKeyError):
@@ -195,6 +207,7 @@ class ResumeTokens:
         await self._state.delete_many({"_id": {"$in": [self.key(s) for s in streams]}})
         for stream in streams:
             self._saved_at.pop(stream, None)
+            self._held.pop(stream, None)
 
     def saved_at(self, stream: str) -> float:
         """When the token was last saved (0 if never): quiet streams save only now and then."""
@@ -205,5 +218,5 @@ class ResumeTokens:
         self._saved_at[stream] = saved_at
         if first:
             metrics.RESUME_TOKEN_AGE.labels(stream).set_function(
-                lambda: time.time() - self._saved_at.get(stream, time.time())
+                lambda: self._clock() - self._saved_at.get(stream, self._clock())
             )

@@ -217,13 +217,14 @@ class Sources:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._db = db
+        self._clock = clock
         self._directory = directory
         self._on_messages = on_messages
         self._on_reads = on_reads
         self._on_presence = on_presence
         self._tuning = tuning
         self._tokens = ResumeTokens(
-            db[config.mongo.state_collection], config.app.instance_id or "default"
+            db[config.mongo.state_collection], config.app.instance_id or "default", clock
         )
         self._routes = self._make_routes()
         self.streams = [
@@ -374,7 +375,7 @@ class Sources:
                 stream.seen.inc(len(batch))
         lag.handled(batch)
         token = changes.resume_token
-        quiet_for = time.time() - self._tokens.saved_at(stream.name)
+        quiet_for = self._clock() - self._tokens.saved_at(stream.name)
         if token is not None and (batch or quiet_for >= self._tuning.idle_save_interval):
             # Shielded: a batch that was handled must not be handled again because
             # shutdown arrived during the save (pymongo's own timeouts bound it).
@@ -467,12 +468,13 @@ class Sources:
         the lost position again nor skips the first batch if it is not handled; and drop
         the caches this stream keeps current, since the changes in the gap are not known."""
         since = position.time()
+        until = self._clock() if now is None else float(now.time)
         log.error(
             "change_stream_history_lost",
             stream=stream.name,
             skipped_from=since,
-            skipped_to=time.time(),
-            skipped_seconds=None if since is None else round(time.time() - since, 3),
+            skipped_to=until,
+            skipped_seconds=None if since is None else round(until - since, 3),
             code=exc.code,
             error=describe(exc),
             consequence="changes between these times were not processed",
