@@ -13,10 +13,11 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
+from streamer import metrics
 from streamer.config import Config, override_settings
 from streamer.decisions import count_decisions, decide_message, decision_counts, recheck
 from streamer.model import Message, Settings
-from streamer.queue import Entry, Kind, Queue
+from streamer.queue import EXPIRED, Entry, Kind, Queue
 from streamer.queue.policy import due_at
 from streamer.rules import Decision
 from streamer.sources.cache import CachedDirectory
@@ -78,14 +79,36 @@ class Ingest:
         await self._directory.prefetch({event.message.rid for event in batch})
         entries: list[Entry] = []
         counts: Counter[tuple[str, str]] = Counter()
+        expired = 0
         for event in batch:
-            entries += await self._entries_for(event, settings, now, counts)
+            decided = await self._entries_for(event, settings, now, counts)
+            fresh = [entry for entry in decided if not self._expired(entry)]
+            expired += len(decided) - len(fresh)
+            entries += fresh
             if len(entries) >= ADD_CHUNK:
                 await self._queue.add(entries)
                 entries = []
         if entries:
             await self._queue.add(entries)
         count_decisions(counts)
+        if expired:
+            self._report_expired(expired, batch, now)
+
+    def _expired(self, entry: Entry) -> bool:
+        """Older than `max_age` when due: the queue would drop it when taken. After an
+        outage longer than `max_age` that is the whole backlog, and each entry would cost
+        an insert, a lease, a delete and a log line for nothing."""
+        return entry.due_at - entry.created_at > self._config.queue.max_age
+
+    def _report_expired(self, count: int, batch: Sequence[MessageInserted], now: float) -> None:
+        metrics.QUEUE_DROPPED.labels(EXPIRED).inc(count)
+        log.warning(
+            "entries_expired_before_queued",
+            entries=count,
+            oldest_message_age=round(now - min(event.cluster_time for event in batch)),
+            max_age=self._config.queue.max_age,
+            why="the messages were inserted longer than [queue] max_age ago (an outage?)",
+        )
 
     async def on_reads(self, batch: Sequence[RoomRead | ThreadRead]) -> None:
         await self._queue.clear_reads([(read.uid, read.rid) for read in batch])

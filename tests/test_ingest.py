@@ -12,6 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.database import Database
+from structlog.testing import capture_logs
 
 from streamer import ingest
 from streamer.config import Config
@@ -97,18 +98,44 @@ async def test_an_entry_is_as_old_as_its_message_insert_not_its_reading(
     db: AsyncDatabase[Doc], sync_db: Database[Doc]
 ) -> None:
     """`[queue] max_age` is Rocket.Chat's queue TTL, counted from the message: after an
-    outage of hours, the messages inserted at its start must not get a fresh two hours."""
+    outage, the messages inserted at its start must not get a fresh two hours."""
     world = World(sync_db)
     directory, queue = await loaded(db, Queue)
     now = time.time()
     early = f.message(world.dm, world.alice, "sent as the daemon went down")
-    early["ts"] = dt.datetime.fromtimestamp(now - 3 * 3600, dt.UTC)
-    batch = [MessageInserted(Message.from_doc(early), cluster_time=now - 3 * 3600)]
+    early["ts"] = dt.datetime.fromtimestamp(now - 3600, dt.UTC)
+    batch = [MessageInserted(Message.from_doc(early), cluster_time=now - 3600)]
     await Ingest(directory, queue, Config(), clock=lambda: now).on_messages(batch)
     docs = await db["streamer_queue"].find().to_list()
     assert {doc["kind"] for doc in docs} == {"push", "email"}
-    assert {doc["created_at"] for doc in docs} == {now - 3 * 3600}
+    assert {doc["created_at"] for doc in docs} == {now - 3600}
     assert {doc["due_at"] for doc in docs} == {now}  # offline: delays run from the reading
+
+
+async def test_entries_past_max_age_are_counted_not_queued(
+    db: AsyncDatabase[Doc], sync_db: Database[Doc]
+) -> None:
+    """After an outage longer than `max_age`, the backlog would all be dropped when taken:
+    an insert, a lease and a delete for each entry, for nothing."""
+    world = World(sync_db)
+    directory, queue = await loaded(db, Queue)
+    now = time.time()
+    late, fresh = (f.message(world.dm, world.alice, text) for text in ("late", "fresh"))
+    late["ts"] = dt.datetime.fromtimestamp(now - 3 * 3600, dt.UTC)
+    batch = [
+        MessageInserted(Message.from_doc(late), cluster_time=now - 3 * 3600),
+        MessageInserted(Message.from_doc(fresh), cluster_time=now),
+    ]
+    expired_before = REGISTRY.get_sample_value(
+        "streamer_queue_dropped_total", {"reason": "expired"}
+    )
+    with capture_logs() as logs:
+        await Ingest(directory, queue, Config(), clock=lambda: now).on_messages(batch)
+    assert {doc["mid"] async for doc in db["streamer_queue"].find()} == {fresh["_id"]}
+    expired = REGISTRY.get_sample_value("streamer_queue_dropped_total", {"reason": "expired"})
+    assert (expired or 0) - (expired_before or 0) == 2  # the push and the email
+    (line,) = [line for line in logs if line["event"] == "entries_expired_before_queued"]
+    assert line["entries"] == 2 and line["oldest_message_age"] == 3 * 3600
 
 
 class BuggyQueue(Queue):
