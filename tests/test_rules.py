@@ -316,8 +316,11 @@ def test_cause_8_large_room(scene: Scene, push: Reason, email: Reason) -> None:
 @table(
     ("push-enable-false", Scene(room={"type": "d"}, settings={"push_enable": False}),
      R.PUSH_DISABLED, R.DIRECT_MESSAGE),
+    # Rocket.Chat's kill switch: "sounds, desktop notifications, mobile notifications,
+    # and emails will stop" (it removes the whole notification callback).
     ("troubleshoot-disable", Scene(room={"type": "d"},
-     settings={"troubleshoot_disable_notifications": True}), R.PUSH_DISABLED, R.DIRECT_MESSAGE),
+     settings={"troubleshoot_disable_notifications": True}),
+     R.NOTIFICATIONS_DISABLED, R.NOTIFICATIONS_DISABLED),
     ("push-enabled", Scene(room={"type": "d"}), R.DIRECT_MESSAGE, R.DIRECT_MESSAGE),
 )  # fmt: skip
 def test_push_disabled_for_the_server(scene: Scene, push: Reason, email: Reason) -> None:
@@ -361,6 +364,9 @@ MENTIONS_PREF = {"mobile_push": "mentions"}
      message={"mentions": (mention("T1", "team"),)}), R.NOT_MENTIONED, R.NOT_MENTIONED),
     ("highlight", Scene(sub={**MENTIONS_PREF, "user_highlights": ("Hello",)}),
      R.HIGHLIGHTED, R.HIGHLIGHTED),
+    # Ciphertext is base64, where '+' and '/' are word boundaries: "ok" would match.
+    ("e2e-ciphertext-is-no-text", Scene(sub={**MENTIONS_PREF, "user_highlights": ("ok",)},
+     message={"type": "e2e", "text": "abc+ok/xyz=="}), R.NOT_MENTIONED, R.NOT_MENTIONED),
     ("direct-message", Scene(room=DM, sub=MENTIONS_PREF), R.DIRECT_MESSAGE, R.DIRECT_MESSAGE),
 )  # fmt: skip
 def test_mentions_preference_and_here(scene: Scene, push: Reason, email: Reason) -> None:

@@ -62,6 +62,8 @@ class MessagePlan:
     mentions_here: bool
     #: The text highlights are matched against (see `highlights.highlight_text`).
     highlight_text: str
+    #: Troubleshoot_Disable_Notifications: Rocket.Chat then sends nothing at all.
+    notifications_off: bool
     push_enabled: bool
     email_enabled: bool
     busy_blocks_push: bool
@@ -111,8 +113,11 @@ def plan_message(
         mentioned=frozenset(mention_ids - GROUP_MENTIONS) | team_members,
         mentions_all="all" in mention_ids,
         mentions_here="here" in mention_ids,
-        highlight_text=highlight_text(message.text),
-        push_enabled=settings.push_enable and not settings.troubleshoot_disable_notifications,
+        # An e2e message's text is its ciphertext: a short highlight would match its
+        # base64 at random, as '+' and '/' count as word boundaries.
+        highlight_text="" if message.encrypted else highlight_text(message.text),
+        notifications_off=settings.troubleshoot_disable_notifications,
+        push_enabled=settings.push_enable,
         email_enabled=settings.allow_email_notifications and config.email.enabled,
         busy_blocks_push=config.rules.busy_blocks_push,
         default_push=settings.default_push_preference,
@@ -154,6 +159,8 @@ def _nothing(plan: MessagePlan, uid: str, reason: Reason, status: Presence) -> D
 
 def _blocked(plan: MessagePlan, sub: Subscription, user: User, named: bool) -> Reason | None:
     """The rules that stop push and email alike; `named`: mentioned or thread participant."""
+    if plan.notifications_off:
+        return Reason.NOTIFICATIONS_DISABLED
     if sub.uid == plan.sender_id:
         return Reason.SENDER_IS_RECIPIENT
     if not user.active:

@@ -31,6 +31,9 @@ class Reason(enum.Enum):
     MALFORMED_DOCUMENT = "a document needed for the decision is malformed (see the log)"
 
     # Why one recipient gets nothing.
+    NOTIFICATIONS_DISABLED = (
+        "notifications are off for the server (Troubleshoot_Disable_Notifications)"
+    )
     SENDER_IS_RECIPIENT = "the user wrote the message"
     USER_NOT_FOUND = "the user's document is missing or malformed"
     USER_INACTIVE = "the user is deactivated"
@@ -48,7 +51,7 @@ class Reason(enum.Enum):
     NOT_MENTIONED = "the user's preference is 'Mentions' and the message does not mention them"
 
     # Push only.
-    PUSH_DISABLED = "push is off for the server (Push_enable or Troubleshoot_Disable_Notifications)"
+    PUSH_DISABLED = "push is off for the server (Push_enable)"
     USER_BUSY = "the user's status is Busy"
     CALL_RINGS = (
         "it is a call in a direct message and the user's phone rings for it instead "
