@@ -208,6 +208,8 @@ class Message:
     mentions: tuple[Mention, ...] = ()
     #: Thread participants, on a thread's parent message.
     replies: tuple[str, ...] = ()
+    #: Replies counted on a thread's parent (0 until Rocket.Chat counted the first).
+    thread_count: int = 0
     hidden: bool = False
     edited: bool = False
     has_attachments: bool = False
@@ -243,6 +245,7 @@ class Message:
             tmid=r.optional_str("tmid"),
             mentions=_mentions(r),
             replies=r.strings("replies"),
+            thread_count=r.count("tcount"),
             hidden=r.flag("_hidden"),
             edited=r.doc.get("editedAt") is not None,
             has_attachments=bool(r.doc.get("attachments")),

@@ -395,9 +395,16 @@ THREAD = {"tmid": "p1"}
     # "Also send to channel" (`tshow`): a room message as well.
     ("also-sent-to-the-room", Scene(message={**THREAD, "shown_in_room": True}, parent={}),
      R.PREFERENCE_ALL, R.NOT_MENTIONED),
-    # Rocket.Chat counts a DM's members in its threads, however `replies` stands.
-    ("in-a-dm", Scene(room=DM, message=THREAD, parent={}),
+    # A DM's first thread reply goes to its members; Rocket.Chat then writes them into
+    # `replies` (read before or after that write, the first reply notifies them), and
+    # `replies` rules the replies after it: a member who unfollowed gets none.
+    ("dm-first-reply", Scene(room=DM, message=THREAD, parent={}),
      R.DIRECT_MESSAGE, R.DIRECT_MESSAGE),
+    ("dm-first-reply-counted", Scene(room=DM, message=THREAD,
+     parent={"thread_count": 1, "replies": ("A", BOB)}), R.DIRECT_MESSAGE, R.DIRECT_MESSAGE),
+    ("dm-unfollowed", Scene(room=DM, message=THREAD,
+     parent={"thread_count": 3, "replies": ("A",)}),
+     R.THREAD_NOT_PARTICIPANT, R.THREAD_NOT_PARTICIPANT),
 )  # fmt: skip
 def test_thread_replies_notify_participants_and_mentioned(
     scene: Scene, push: Reason, email: Reason

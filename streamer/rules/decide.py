@@ -52,6 +52,10 @@ class MessagePlan:
     sender_id: str
     is_dm: bool
     is_thread: bool
+    #: A DM's members take part in a thread of it until its first reply is counted;
+    #: Rocket.Chat then writes them into the parent's `replies`, which rule after that
+    #: (a member who unfollowed the thread is left out).
+    dm_members_in_thread: bool
     #: Active members above Notifications_Max_Room_Members (never for a DM).
     large: bool
     #: Thread participants: the parent's `replies` and its author.
@@ -108,6 +112,7 @@ def plan_message(
         is_dm=is_dm,
         # A reply also sent to the room is a room message too (Rocket.Chat's `tshow`).
         is_thread=message.tmid is not None and not message.shown_in_room,
+        dm_members_in_thread=is_dm and (parent is None or parent.thread_count == 0),
         large=not is_dm and limit > 0 and active_members > limit,
         participants=participants,
         mentioned=frozenset(mention_ids - GROUP_MENTIONS) | team_members,
@@ -165,7 +170,7 @@ def _blocked(plan: MessagePlan, sub: Subscription, user: User, named: bool) -> R
         return Reason.SENDER_IS_RECIPIENT
     if not user.active:
         return Reason.USER_INACTIVE
-    if plan.is_thread and not named and not plan.is_dm:  # DM members are in its threads
+    if plan.is_thread and not named and not plan.dm_members_in_thread:
         return Reason.THREAD_NOT_PARTICIPANT
     if sub.disable_notifications:
         return Reason.ROOM_NOTIFICATIONS_DISABLED
