@@ -363,6 +363,24 @@ class Room:
     muted: frozenset[str] = frozenset()
     #: A direct message's members by username (what names a group DM with no name).
     usernames: tuple[str, ...] = ()
+    #: A discussion (`prid` set): it goes by its display name.
+    discussion: bool = False
+
+    @property
+    def group_chat(self) -> bool:
+        """Rocket.Chat's `isGroupChat`: channels, groups and DMs of more than two."""
+        return self.type in ("c", "p") or (self.type == "d" and self.users_count > 2)
+
+    def title(self, recipient: str, special_chars: bool) -> str:
+        """What Rocket.Chat calls the room (`roomName`) for `recipient`: a channel or
+        group by its name, unless names may hold special characters
+        (UI_Allow_room_names_with_special_chars), which only the display name keeps; a
+        discussion or a DM by its display name; a DM without one by its other members."""
+        if self.type == "d" or self.discussion or special_chars:
+            named = self.fname or self.name
+        else:
+            named = self.name or self.fname
+        return named or ", ".join(u for u in self.usernames if u != recipient) or self.id
 
     @classmethod
     def from_doc(cls, doc: object) -> Room:
@@ -378,6 +396,7 @@ class Room:
             read_only=r.flag("ro"),
             muted=frozenset(r.strings("muted")),
             usernames=r.strings("usernames") if r.doc.get("t") == "d" else (),
+            discussion=r.optional_str("prid") is not None,
         )
 
     def can_write(self, username: str) -> bool:
@@ -517,6 +536,7 @@ class Settings:
     site_url: str = ""
     site_name: str = "Rocket.Chat"
     use_real_name: bool = False
+    room_names_with_special_chars: bool = False
     max_room_members: int = 100
     always_notify_mobile: bool = False
     allow_email_notifications: bool = True
@@ -628,6 +648,7 @@ _SETTING_PARSERS: dict[str, tuple[str, Any]] = {
     "Site_Url": ("site_url", _as_str),
     "Site_Name": ("site_name", _as_str),
     "UI_Use_Real_Name": ("use_real_name", _as_bool),
+    "UI_Allow_room_names_with_special_chars": ("room_names_with_special_chars", _as_bool),
     "Notifications_Max_Room_Members": ("max_room_members", _as_int),
     "Notifications_Always_Notify_Mobile": ("always_notify_mobile", _as_bool),
     "Accounts_AllowEmailNotifications": ("allow_email_notifications", _as_bool),

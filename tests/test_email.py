@@ -23,9 +23,11 @@ from tests import factories
 pytestmark = pytest.mark.anyio
 
 NOW = 1_800_000_000.0
-SETTINGS = Settings.from_values(
-    {"Site_Url": "https://chat.example.org/", "Site_Name": "Example Chat"}
-)
+SETTING_VALUES: dict[str, object] = {
+    "Site_Url": "https://chat.example.org/",
+    "Site_Name": "Example Chat",
+}
+SETTINGS = Settings.from_values(SETTING_VALUES)
 ALICE = User.from_doc(factories.user("alice", name="Alice Liddell"))
 BOB = User.from_doc(factories.user("bob"))
 GENERAL = Room.from_doc(factories.room("GENERAL", name="general", fname="General"))
@@ -51,7 +53,7 @@ def parts(mail: EmailMessage) -> tuple[str, str]:
 def test_mail_names_room_sender_and_text_and_links_the_room_preferences() -> None:
     mail = build_email(content(), from_address="chat@example.org", now=NOW)
 
-    assert mail["Subject"] == "[Example Chat] You have received a message from alice in #General"
+    assert mail["Subject"] == "[Example Chat] You have received a message from alice in #general"
     assert mail["From"] == "alice <chat@example.org>"
     assert mail["To"] == "bob@example.org"
     assert mail["Date"] == "Fri, 15 Jan 2027 08:00:00 +0000"
@@ -61,7 +63,7 @@ def test_mail_names_room_sender_and_text_and_links_the_room_preferences() -> Non
     )
     assert mail["Auto-Submitted"] == "auto-generated"
     text, rich = parts(mail)
-    assert "alice in #General:\n\nlunch?\n" in text
+    assert "alice in #general:\n\nlunch?\n" in text
     assert "https://chat.example.org/channel/general/push-notifications" in text
     assert "<blockquote" in rich and "lunch?" in rich
     assert '<a href="https://chat.example.org/channel/general">' in rich
@@ -89,11 +91,11 @@ def test_line_breaks_in_names_cannot_inject_headers() -> None:
 @pytest.mark.parametrize(
     ("room", "url", "subject"),
     [
-        (GENERAL, "https://chat.example.org/channel/general", "message from alice in #General"),
+        (GENERAL, "https://chat.example.org/channel/general", "message from alice in #general"),
         (
             Room.from_doc(factories.room("SECRET", "p", name="secret", fname="Secret")),
             "https://chat.example.org/group/secret",
-            "message from alice in #Secret",
+            "message from alice in #secret",
         ),
         (
             Room.from_doc(factories.room("u-aliceu-bob", "d", name=None, fname=None)),
@@ -111,10 +113,35 @@ def test_room_links_follow_the_room_type(room: Room, url: str, subject: str) -> 
     assert mail["Subject"].endswith(subject)
 
 
+@pytest.mark.parametrize(
+    ("room", "settings", "named"),
+    [
+        (GENERAL, {"UI_Allow_room_names_with_special_chars": True}, "in #General"),
+        (Room.from_doc(factories.room("D1", prid="GENERAL", fname="Lunch plans")), {},
+         "in #Lunch plans"),
+        (Room.from_doc(factories.room("u-3", "d", name=None, fname=None, usersCount=3,
+                                      usernames=["alice", "bob", "carol"])), {},
+         "in #alice, carol"),
+    ],
+    ids=["special-chars", "discussion", "group-dm"],
+)  # fmt: skip
+def test_a_room_is_named_as_rocket_chat_names_it(
+    room: Room, settings: dict[str, object], named: str
+) -> None:
+    """A channel goes by its name unless names may hold special characters; a
+    discussion by its display name; a group DM, a group chat, by its other members."""
+    with_settings = Settings.from_values({**SETTING_VALUES, **settings})
+    built = email_content(message_to(room), room, BOB, with_settings, ALICE)
+    assert built is not None
+    assert build_email(built, from_address="c@example.org", now=NOW)["Subject"].endswith(
+        f"message from alice {named}"
+    )
+
+
 def test_mention_changes_the_subject() -> None:
     mentioned = content(mentions=[{"_id": BOB.id, "username": "bob"}])
     assert build_email(mentioned, from_address="c@example.org", now=NOW)["Subject"] == (
-        "[Example Chat] You have been mentioned by alice in #General"
+        "[Example Chat] You have been mentioned by alice in #general"
     )
 
 

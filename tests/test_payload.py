@@ -110,7 +110,7 @@ def test_id_only_mode_sends_no_content_at_all() -> None:
 
 
 def test_long_title_and_text_are_cut_to_the_gateway_limits() -> None:
-    room = dataclasses.replace(GENERAL, fname="r" * 100)
+    room = dataclasses.replace(GENERAL, name="r" * 100)
     content = build_push_content(message("x" * 500), room, BOB, SETTINGS, badge=0, now=NOW)
     assert len(content.title) == TITLE_LIMIT and content.title.endswith("...")
     assert len(content.text) == TEXT_LIMIT and content.text.endswith("...")
@@ -167,6 +167,25 @@ def test_a_group_dm_without_a_name_is_named_by_its_other_members() -> None:
     group = Room(id="RGRP", type="d", users_count=3, usernames=("alice", "bob", "carol"))
     content = build_push_content(message(), group, BOB, SETTINGS, badge=0, now=NOW)
     assert content.title == "#alice, carol"
+
+
+@pytest.mark.parametrize(
+    ("room", "special_chars", "title"),
+    [
+        (dataclasses.replace(GENERAL, fname="General Chat"), False, "#general"),
+        (dataclasses.replace(GENERAL, fname="General Chat"), True, "#General Chat"),
+        (Room(id="D1", type="p", name="x1", fname="Lunch plans", discussion=True), False,
+         "#Lunch plans"),
+    ],
+    ids=["name", "special-chars-allowed", "discussion"],
+)  # fmt: skip
+def test_a_room_is_titled_by_its_name_as_rocket_chat_titles_it(
+    room: Room, special_chars: bool, title: str
+) -> None:
+    """A display name with special characters shows only where the server allows them
+    (UI_Allow_room_names_with_special_chars); a discussion always goes by its own."""
+    settings = dataclasses.replace(SETTINGS, room_names_with_special_chars=special_chars)
+    assert build_push_content(message(), room, BOB, settings, badge=0, now=NOW).title == title
 
 
 def test_an_e2e_messages_encrypted_content_is_passed_on() -> None:

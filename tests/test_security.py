@@ -459,7 +459,7 @@ async def test_smtp_password_never_in_logs_or_errors_when_the_login_is_refused()
         mid="m1",
         to="bob@example.org",
         room_name="general",
-        room_type="c",
+        direct=False,
         sender_name="alice",
         text="hello",
         site_name="Chat",

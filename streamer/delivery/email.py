@@ -97,7 +97,8 @@ class EmailContent:
     mid: str
     to: str
     room_name: str
-    room_type: RoomType
+    #: A one-to-one direct message: the mail names the sender, not the room.
+    direct: bool
     sender_name: str
     text: str
     site_name: str
@@ -125,8 +126,8 @@ def email_content(
         uid=recipient.id,
         mid=message.id,
         to=recipient.email,
-        room_name=sender_name if room.type == "d" else (room.fname or room.name or room.id),
-        room_type=room.type,
+        room_name=room.title(recipient.username, settings.room_names_with_special_chars),
+        direct=not room.group_chat,
         sender_name=sender_name,
         text=readable_text(message, settings) if settings.email_show_message else "",
         site_name=settings.site_name,
@@ -145,7 +146,7 @@ def _display_name(message: Message, settings: Settings, sender: User | None) -> 
 
 def email_subject(content: EmailContent) -> str:
     sender, room = _one_line(content.sender_name), _one_line(content.room_name)
-    if content.room_type == "d":
+    if content.direct:
         what = f"Direct message from {sender}"
     elif content.mentioned:
         what = f"You have been mentioned by {sender} in #{room}"
@@ -176,7 +177,7 @@ def build_email(content: EmailContent, *, from_address: str, now: float) -> Emai
 
 
 def _heading(content: EmailContent) -> str:
-    if content.room_type == "d":
+    if content.direct:
         return f"{content.sender_name} sent you a direct message:"
     return f"{content.sender_name} in #{content.room_name}:"
 

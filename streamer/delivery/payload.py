@@ -153,19 +153,10 @@ def _sender_label(message: Message, settings: Settings, sender: User | None) -> 
 
 
 def _room_label(room: Room | None, settings: Settings, recipient: str) -> str:
-    """`#room` for group chats (the title); empty for DMs, whose title is the sender.
-
-    A group DM has no name of its own: it is named by its other members, as the
-    recipient's room list shows it.
-    """
-    if room is None or not settings.push_show_username_room or not _is_group_chat(room):
+    """`#room` for group chats (the title); empty for DMs, whose title is the sender."""
+    if room is None or not settings.push_show_username_room or not room.group_chat:
         return ""
-    others = ", ".join(u for u in room.usernames if u != recipient)
-    return f"#{room.fname or room.name or others or room.id}"
-
-
-def _is_group_chat(room: Room) -> bool:
-    return room.type in ("c", "p") or (room.type == "d" and room.users_count > 2)
+    return f"#{room.title(recipient, settings.room_names_with_special_chars)}"
 
 
 def _message_text(message: Message, settings: Settings, id_only: bool) -> str:
