@@ -277,6 +277,18 @@ async def test_own_client_speaks_http2(
     finally:
         await pushkin.aclose()
     assert [p.http_version for p in apple.pushes()] == ["2"]
+    assert apple.pushes()[0].headers["accept-encoding"] == "identity"
+
+
+async def test_an_answer_that_cannot_be_decoded_is_a_temporary_failure(
+    tmp_path: Path, apple: Apple, clock: ManualClock
+) -> None:
+    """httpx's client decodes as it reads, so the status is lost with the body: the
+    push may have gone out, and is retried like a timeout, not left to crash."""
+    apple.app.script(DEVICE_PATH, Reply(200, b"<html>OK</html>", {"content-encoding": "gzip"}))
+    async with apns_pushkin(tmp_path, apple, clock) as (pushkin, _):
+        with pytest.raises(TemporaryDeliveryError, match="could not be decoded"):
+            await pushkin.dispatch(CONTENT, DEVICE)
 
 
 @pytest.mark.parametrize(("production", "host"), [(True, PRODUCTION_URL), (False, SANDBOX_URL)])

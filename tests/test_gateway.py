@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import gzip
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -12,6 +13,7 @@ import anyio
 import httpx
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
+from structlog.testing import capture_logs
 
 from streamer.config import ConfigError, DeliveryConfig
 from streamer.delivery.base import Device
@@ -461,9 +463,36 @@ async def test_an_answer_without_end_is_cut_off(
 
 
 @pytest.mark.anyio
-async def test_answers_are_asked_only_in_encodings_httpx_decodes(
-    pushkin: GatewayPushkin, stub: StubApp
-) -> None:
+async def test_answers_are_asked_for_uncompressed(pushkin: GatewayPushkin, stub: StubApp) -> None:
+    """They are a few hundred bytes: compression saves nothing and adds a way to fail."""
     await pushkin.dispatch(CONTENT, ANDROID)
     [request] = stub.received()
-    assert request.headers["accept-encoding"] == "gzip, deflate"
+    assert request.headers["accept-encoding"] == "identity"
+
+
+GZIP = {"content-encoding": "gzip"}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("reply", "outcome", "undecodable"),
+    [
+        (Reply(406, gzip.compress(b'{"error": "bad token"}'), GZIP), Outcome.DEAD_TOKEN, False),
+        # A proxy's mislabelled page: the status alone still says the push went out,
+        # where failing to decode it used to retry it (a second push).
+        (Reply(200, b"<html>OK</html>", GZIP), Outcome.SENT, True),
+        (Reply(406, b"not gzip", GZIP), Outcome.DEAD_TOKEN, True),
+        (Reply(200, b"{}", {"content-encoding": "snappy"}), Outcome.SENT, True),
+        # 4 KB that inflate to 8 MiB, beyond what is decoded.
+        (Reply(200, gzip.compress(bytes(8 * ANSWER_LIMIT)), GZIP), Outcome.SENT, True),
+    ],
+    ids=["gzip", "mislabelled-2xx", "mislabelled-406", "unknown-encoding", "inflates-too-far"],
+)
+async def test_a_compressed_answer_is_decoded_within_bounds_or_judged_by_its_status(
+    pushkin: GatewayPushkin, stub: StubApp, reply: Reply, outcome: Outcome, undecodable: bool
+) -> None:
+    stub.script("/push/gcm/send", reply)
+    with capture_logs() as logs:
+        assert await pushkin.dispatch(CONTENT, ANDROID) is outcome
+    said = [line for line in logs if line["event"] == "provider_answer_undecodable"]
+    assert bool(said) is undecodable

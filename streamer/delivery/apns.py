@@ -30,7 +30,7 @@ from streamer.delivery.direct import (
     temporary_error,
 )
 from streamer.delivery.errors import CredentialsError, Outcome, is_temporary
-from streamer.delivery.http import HttpClient
+from streamer.delivery.http import ACCEPT_ENCODING, HttpClient
 
 PROVIDER = "apns"
 PRODUCTION_URL = "https://api.push.apple.com"
@@ -109,7 +109,9 @@ class ApnsPushkin:
         self._owns_client = client is None
         # httpx's own client, not a `ProviderClient`: its own is the transport that speaks
         # HTTP/2, and the client honours HTTPS_PROXY, which an operator may rely on here.
-        self._client = client or httpx.AsyncClient(http2=True, timeout=timeout)
+        self._client = client or httpx.AsyncClient(
+            http2=True, timeout=timeout, headers={"accept-encoding": ACCEPT_ENCODING}
+        )
         self._clock = clock
         self._tokens = TokenCache(self._mint, clock, min_renewal=PROVIDER_TOKEN_MIN_RENEWAL)
 

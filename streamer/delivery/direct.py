@@ -110,6 +110,10 @@ async def send(client: HttpClient, provider: str, request: httpx.Request) -> htt
         raise TemporaryDeliveryError(
             f"{provider}: {request.url.host} {transport_failure(exc)}"
         ) from exc
+    except httpx.DecodingError as exc:  # httpx's own client (APNs) decodes as it reads
+        raise TemporaryDeliveryError(
+            f"{provider}: {request.url.host} sent an answer that could not be decoded"
+        ) from exc
 
 
 def temporary_error(provider: str, response: httpx.Response, now: float) -> TemporaryDeliveryError:

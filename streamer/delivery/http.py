@@ -15,6 +15,7 @@ benchmarks inject another transport without patching.
 from __future__ import annotations
 
 import urllib.request
+import zlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -23,6 +24,7 @@ from typing import Protocol, Self
 import aiohttp
 import anyio
 import httpx
+import structlog
 from httpx_aiohttp import AiohttpTransport
 
 from streamer import __version__, metrics
@@ -33,12 +35,37 @@ DEFAULT_CONCURRENCY = DeliveryConfig().concurrency
 #: Idle keep-alive connections are closed after this many seconds.
 KEEPALIVE_EXPIRY = 60.0
 USER_AGENT = f"streamer/{__version__}"
-#: What `httpx.AsyncClient` asks for, and all httpx decodes without extra packages
-#: (left to aiohttp, it may offer zstd, which httpx would pass on undecoded).
-ACCEPT_ENCODING = "gzip, deflate"
-#: Bytes of a provider's answer read at most: theirs are a few hundred; a peer that
-#: answers without end must not fill the memory.
+#: Answers are a few hundred bytes: compressing them saves nothing, and an answer
+#: that cannot be decoded, or decodes to gigabytes, is one more way to fail. Peers
+#: that compress anyway are decoded below, within `ANSWER_LIMIT`.
+ACCEPT_ENCODING = "identity"
+#: Bytes of a provider's answer read (and decoded) at most: theirs are a few hundred;
+#: a peer that answers without end must not fill the memory.
 ANSWER_LIMIT = 1 << 20
+#: zlib's window bits for each encoding decoded: gzip's header, or zlib's (deflate).
+_ZLIB_WBITS = {
+    "gzip": 16 + zlib.MAX_WBITS,
+    "x-gzip": 16 + zlib.MAX_WBITS,
+    "deflate": zlib.MAX_WBITS,
+}
+
+log = structlog.get_logger(__name__)
+
+
+def _decoded(raw: bytes, encoding: str) -> bytes | None:
+    """The body as sent before `encoding`; None if it cannot be decoded within
+    `ANSWER_LIMIT` (a broken or unknown encoding, or a body that inflates beyond it)."""
+    if encoding in ("", "identity"):
+        return raw
+    wbits = _ZLIB_WBITS.get(encoding)
+    if wbits is None:
+        return None
+    try:
+        inflater = zlib.decompressobj(wbits)
+        body = inflater.decompress(raw, ANSWER_LIMIT + 1)
+    except zlib.error:
+        return None
+    return None if len(body) > ANSWER_LIMIT else body
 
 
 def pool_limits(config: DeliveryConfig) -> httpx.Limits:
@@ -129,15 +156,24 @@ class ProviderClient:
                     raise httpx.ReadError(f"answer over {ANSWER_LIMIT} bytes", request=request)
         finally:
             await response.aclose()
-        whole = httpx.Response(
+        headers = response.headers.copy()
+        encoding = headers.pop("content-encoding", "identity").strip().lower()
+        body = _decoded(bytes(raw), encoding)
+        if body is None:  # its status still says what became of the push
+            log.warning(
+                "provider_answer_undecodable",
+                host=request.url.host,
+                status=response.status_code,
+                content_encoding=encoding,
+                action="answer read as empty",
+            )
+        return httpx.Response(
             response.status_code,
-            headers=response.headers,
-            content=bytes(raw),
+            headers=headers,
+            content=body or b"",
             request=request,
             extensions=response.extensions,
         )
-        whole.read()  # decoded once, here
-        return whole
 
     async def post(
         self,
