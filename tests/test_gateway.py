@@ -146,7 +146,8 @@ async def test_429_is_temporary_and_carries_retry_after(
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("status", [500, 502, 503])
+# 408 (a load balancer timed the request out) and 425 (too early) ask for a retry too.
+@pytest.mark.parametrize("status", [500, 502, 503, 408, 425])
 async def test_server_errors_are_temporary(
     pushkin: GatewayPushkin, stub: StubApp, status: int
 ) -> None:

@@ -20,11 +20,14 @@ class Outcome(enum.Enum):
 
 #: 429 Too Many Requests: temporary, and the one answer that asks for a slower pace.
 TOO_MANY_REQUESTS = 429
+#: The 4xx that say "the same request may work later": 408 Request Timeout (a load
+#: balancer gave up waiting), 425 Too Early, 429.
+_TRY_AGAIN = frozenset({408, 425, TOO_MANY_REQUESTS})
 
 
 def is_temporary(status: int) -> bool:
-    """A provider's HTTP answer that means "try again later": 429 or any 5xx."""
-    return status == TOO_MANY_REQUESTS or status >= 500
+    """A provider's HTTP answer that means "try again later": 408, 425, 429 or any 5xx."""
+    return status in _TRY_AGAIN or status >= 500
 
 
 class DeliveryError(Exception):
