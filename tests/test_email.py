@@ -3,9 +3,12 @@ a real local SMTP server (aiosmtpd)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import email
 import email.policy
-from collections.abc import Iterator
+import socket
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from typing import Any
 
@@ -19,6 +22,7 @@ from streamer.delivery.errors import CredentialsError, Outcome, TemporaryDeliver
 from streamer.devmongo import free_port
 from streamer.model import Message, Room, Settings, User
 from tests import factories
+from tests.servers import serve_connections
 
 pytestmark = pytest.mark.anyio
 
@@ -384,6 +388,73 @@ async def test_a_server_that_requires_a_login_is_a_credentials_error_not_a_refus
     finally:
         controller.stop()
     assert mailbox.envelopes == []
+
+
+def greeting(reply: bytes) -> Callable[[socket.socket], None]:
+    """A peer that answers the connection with `reply`, as a mail server refusing us does."""
+
+    def answer(connection: socket.socket) -> None:
+        connection.sendall(reply)
+        with contextlib.suppress(OSError):
+            connection.recv(1024)
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        # This host is blocklisted, or no mail service is offered: every mail would fail.
+        (b"554 5.7.1 Service unavailable; client host blocked\r\n", CredentialsError),
+        (b"421 4.3.2 Too busy, come back later\r\n", TemporaryDeliveryError),
+    ],
+    ids=["554", "421"],
+)
+async def test_a_server_refusing_the_session_keeps_the_mail(
+    reply: bytes, error: type[Exception]
+) -> None:
+    """A 554 greeting was read as this mail refused: dropped, /readyz green, and every
+    other mail after it dropped the same way."""
+    with serve_connections(greeting(reply)) as url:
+        port = int(url.rpartition(":")[2])
+        with pytest.raises(error, match="refused the session"):
+            await Mailer(local_server(port, timeout=5.0)).send(content())
+
+
+@pytest.mark.parametrize(
+    ("fields", "offered"),
+    [
+        ({"username": "rocket", "password": "secret"}, "AUTH"),
+        ({"security": "starttls"}, "STARTTLS"),
+    ],
+    ids=["login-without-auth", "starttls-not-offered"],
+)
+async def test_a_server_lacking_what_is_configured_is_a_configuration_error(
+    fields: dict[str, Any], offered: str
+) -> None:
+    """It will not offer a login or STARTTLS on the next try either: loud, not retried
+    quietly for an hour and given up."""
+    mailbox, port = Mailbox(), free_port()
+    controller = Controller(mailbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    try:
+        with pytest.raises(CredentialsError, match=f"cannot be used as configured.*{offered}"):
+            await Mailer(local_server(port, **fields)).send(content())
+    finally:
+        controller.stop()
+    assert mailbox.envelopes == []
+
+
+async def test_an_address_beyond_ascii_a_server_cannot_take_is_refused_not_retried() -> None:
+    """Without SMTPUTF8 this server will never take it: retrying for an hour helps nobody."""
+    mailbox, port = Mailbox(), free_port()
+    controller = Controller(mailbox, hostname="127.0.0.1", port=port, enable_SMTPUTF8=False)
+    controller.start()
+    try:
+        unicode = dataclasses.replace(content(), to="bøb@example.org")
+        assert await Mailer(local_server(port)).send(unicode) is Outcome.REJECTED
+    finally:
+        controller.stop()
 
 
 async def test_server_down_is_temporary() -> None:

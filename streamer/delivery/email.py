@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import html
+import ssl
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ from streamer.model import Message, Room, RoomType, Settings, User
 Security = Literal["none", "starttls", "tls", "auto"]
 #: The SMTP reply "authentication required": the server wants a login we did not give.
 AUTHENTICATION_REQUIRED = 530
+#: What an address the server cannot take (beyond ASCII, without SMTPUTF8) is counted as.
+ADDRESS_UNUSABLE = 553
 DEFAULT_PORTS: dict[Security, int] = {"none": 25, "auto": 25, "starttls": 587, "tls": 465}
 #: Rocket.Chat's route segment for each room type.
 ROOM_ROUTES: dict[RoomType, str] = {"c": "channel", "p": "group", "d": "direct", "l": "live"}
@@ -220,6 +223,15 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _misconfigured(exc: Exception) -> bool:
+    """Failures that repeat until the configuration changes: the server lacks what it is
+    asked for (a login without AUTH offered, STARTTLS, XOAUTH2), which aiosmtplib says
+    with its base exception alone, or its certificate is not trusted."""
+    if type(exc) is aiosmtplib.SMTPException:
+        return True
+    return any(isinstance(e, ssl.SSLCertVerificationError) for e in (exc, exc.__cause__))
+
+
 class Mailer:
     """Sends notification mails through one SMTP server, a connection per mail."""
 
@@ -230,8 +242,9 @@ class Mailer:
     async def send(self, content: EmailContent) -> Outcome:
         """SENT, or REJECTED when the server refuses for good; otherwise raises.
 
-        Raises TemporaryDeliveryError (server down, 4xx) or CredentialsError
-        (the SMTP login was refused).
+        Raises TemporaryDeliveryError (server down, 4xx) or CredentialsError (the
+        login, the session or the sender refused for good, or the server unusable as
+        configured: no mail goes out until an operator acts, and /readyz says so).
         """
         try:
             mail = build_email(content, from_address=self.server.from_address, now=self._clock())
@@ -239,6 +252,8 @@ class Mailer:
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [refusal.code for refusal in exc.recipients]
             return self._refused(content, min(codes), "; ".join(r.message for r in exc.recipients))
+        except aiosmtplib.SMTPNotSupported as exc:  # an address beyond ASCII, no SMTPUTF8
+            return self._refused(content, ADDRESS_UNUSABLE, str(exc))
         except aiosmtplib.SMTPAuthenticationError as exc:
             if exc.code >= 500:
                 metrics.EMAILS.labels("credentials").inc()
@@ -247,7 +262,11 @@ class Mailer:
                     f"({exc.code} {exc.message}); check [email] username/password or SMTP_*"
                 ) from exc
             return self._refused(content, exc.code, exc.message)
-        except (aiosmtplib.SMTPSenderRefused, aiosmtplib.SMTPHeloError) as exc:
+        except (
+            aiosmtplib.SMTPConnectResponseError,
+            aiosmtplib.SMTPHeloError,
+            aiosmtplib.SMTPSenderRefused,
+        ) as exc:
             # The server refuses us, not this mail: retried (and loud) until fixed.
             raise self._server_refused(exc) from exc
         except aiosmtplib.SMTPResponseException as exc:
@@ -255,6 +274,12 @@ class Mailer:
                 raise self._server_refused(exc) from exc
             return self._refused(content, exc.code, exc.message)
         except (aiosmtplib.SMTPException, OSError) as exc:
+            if _misconfigured(exc):
+                metrics.EMAILS.labels("credentials").inc()
+                raise CredentialsError(
+                    f"SMTP {self.server.host}:{self.server.port} cannot be used as configured "
+                    f"({exc}); check [email] security ({self.server.security}) and the login"
+                ) from exc
             metrics.EMAILS.labels("temporary").inc()
             raise TemporaryDeliveryError(
                 f"SMTP {self.server.host}:{self.server.port} unavailable: {exc!r}"
@@ -287,11 +312,16 @@ class Mailer:
                 f"SMTP {self.server.host} requires a login ({exc.code} {exc.message}); "
                 "set [email] username/password or SMTP_Username/SMTP_Password"
             )
-        metrics.EMAILS.labels("temporary").inc()
-        return TemporaryDeliveryError(
+        refusal = (
             f"SMTP {self.server.host} refused the session or the sender address "
-            f"({exc.code} {exc.message}); check the From address and the server's rules"
+            f"({exc.code} {exc.message}); check the From address and the server's rules "
+            "for this host"
         )
+        if exc.code >= 500:  # its final word: no mail goes out until someone acts
+            metrics.EMAILS.labels("credentials").inc()
+            return CredentialsError(refusal)
+        metrics.EMAILS.labels("temporary").inc()
+        return TemporaryDeliveryError(refusal)
 
     def _refused(self, content: EmailContent, code: int, reply: str) -> Outcome:
         """5xx is the server's final word on this mail; 4xx means try again later."""

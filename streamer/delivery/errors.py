@@ -44,10 +44,11 @@ class TemporaryDeliveryError(DeliveryError):
 
 
 class CredentialsError(DeliveryError):
-    """401/403: the workspace is not registered or its credentials are invalid.
+    """The provider refuses this deployment, not the push: the workspace is not
+    registered, a key or login is invalid, a mail server refuses this host or sender.
 
-    Retrying with the same credentials cannot succeed; the caller reloads them
-    and reports loudly, pointing the operator at `streamer doctor`.
+    Retrying with the same configuration cannot succeed; the caller reloads what it
+    can and reports loudly (/readyz), pointing the operator at `streamer doctor`.
     """
 
 
