@@ -10,7 +10,6 @@ import pytest
 from prometheus_client import REGISTRY
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import PyMongoError
 from structlog.testing import capture_logs
 
 from streamer.config import DeliveryConfig
@@ -127,20 +126,25 @@ async def test_a_dead_token_is_deleted_from_rocket_chat(
 
 
 @pytest.mark.anyio
-async def test_one_devices_mongodb_error_lets_the_other_devices_push_finish(
+async def test_a_dead_token_mongodb_cannot_delete_is_still_recorded_and_the_rest_finish(
     make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp, mongo: AsyncMongoClient[Doc]
 ) -> None:
-    """The phone's token is dead and its delete fails; the tablet's push, in flight,
-    must still finish and be recorded, not be cancelled with its claim left "sending"
-    (an unknown outcome, never sent again by default)."""
+    """The phone's token is dead and its delete fails. The answer is final all the same:
+    recorded, not left "sending" (an unknown outcome, never sent again by default); the
+    token stays for the next push to find dead. The tablet's push, in flight, finishes."""
     dead, alive = await stored_devices(db, "gcm", "apn")
     stub.script("/push/gcm/send", Reply(406))
     stub.script("/push/apn/send", Reply(delay=0.2))  # in flight when the delete fails
     await fail_commands(mongo, mode={"times": 1}, failCommands=["delete"], errorCode=BAD_VALUE)
-    with pytest.raises(PyMongoError):
-        await make_sender().send(CONTENT, [dead, alive], FIRST)
-    record = await db[SENT_LEDGER].find_one({"_id.token": alive.token})
-    assert record is not None and record["state"] == "sent"
+    with capture_logs() as logs:
+        assert await make_sender().send(CONTENT, [dead, alive], FIRST) == Delivered()
+    records = {doc["_id"]["token"]: doc async for doc in db[SENT_LEDGER].find({})}
+    assert records[alive.token]["state"] == records[dead.token]["state"] == "sent"
+    assert records[dead.token]["outcome"] == Outcome.DEAD_TOKEN.value
+    assert [line["token_id"] for line in logs if line["event"] == "dead_token_not_deleted"] == [
+        dead.token_id
+    ]
+    assert await db[PUSH_TOKENS].count_documents({"_id": dead.token_id}) == 1
     assert len(stub.received("/push/apn/send")) == 1
 
 

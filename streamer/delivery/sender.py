@@ -258,19 +258,31 @@ class PushSender:
     async def _record(
         self, content: PushContent, device: Device, provider: str, outcome: Outcome
     ) -> None:
-        """Act on a final answer, then mark the device done in the ledger."""
+        """Mark the device done in the ledger, then act on the answer: it is final
+        whatever the acting meets."""
         metrics.PUSHES.labels(provider, outcome.name.lower()).inc()
+        await self._ledger.finish(content.uid, content.mid, device, outcome, self._clock())
         if outcome is Outcome.DEAD_TOKEN:
             await self._delete_token(device, provider)
         elif outcome is Outcome.REJECTED:
             log.info("push_rejected", provider=provider, token_id=device.token_id)
-        await self._ledger.finish(content.uid, content.mid, device, outcome, self._clock())
 
     async def _delete_token(self, device: Device, provider: str) -> None:
-        """The provider says the app is gone from the device: stop pushing to it."""
-        result = await self._tokens.delete_many(
-            {"$or": [{"_id": device.token_id}, {f"token.{device.kind}": device.token}]}
-        )
+        """The provider says the app is gone from the device: stop pushing to it. If
+        MongoDB cannot take the delete, the next push to it finds it dead again."""
+        try:
+            result = await self._tokens.delete_many(
+                {"$or": [{"_id": device.token_id}, {f"token.{device.kind}": device.token}]}
+            )
+        except PyMongoError as exc:
+            log.warning(
+                "dead_token_not_deleted",
+                provider=provider,
+                token_id=device.token_id,
+                error=type(exc).__name__,
+                action="deleted when a push to it is refused again",
+            )
+            return
         metrics.TOKENS_DELETED.inc(result.deleted_count)
         log.info(
             "dead_token_deleted",
