@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 import anyio
 import httpx
 import pytest
+from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from structlog.testing import capture_logs
 
@@ -30,6 +31,7 @@ from streamer.delivery.payload import gateway_body
 from streamer.devmongo import free_port
 from streamer.model import SETTINGS, WORKSPACE_CREDENTIALS
 from tests import factories
+from tests.failpoints import BAD_VALUE, fail_commands
 from tests.servers import Reply, StubApp, serve_connections, serve_forward_proxy, serve_hang_up
 
 Doc = dict[str, object]
@@ -307,6 +309,25 @@ async def test_the_token_is_cached_until_it_expires(db: AsyncDatabase[Doc]) -> N
     await store_workspace_token(db, "renewed", expires_in=1200)
     assert await token.get() == "first"
     clock.now += 601
+    assert await token.get() == "renewed"
+
+
+@pytest.mark.anyio
+async def test_mongodb_away_at_a_reload_keeps_the_token_held(
+    db: AsyncDatabase[Doc], mongo: AsyncMongoClient[Doc]
+) -> None:
+    clock = Clock()
+    token = WorkspaceToken(db, clock)
+    await store_workspace_token(db, "held", expires_in=600)
+    assert await token.get() == "held"
+    clock.now += 601
+    await fail_commands(mongo, mode={"times": 1}, failCommands=["find"], errorCode=BAD_VALUE)
+    with capture_logs() as logs:
+        assert await token.get() == "held"
+        assert await token.get() == "held"  # not asked again at once
+    assert [line["event"] for line in logs] == ["workspace_token_reload_failed"]
+    clock.now += RECHECK
+    await store_workspace_token(db, "renewed", expires_in=1200)
     assert await token.get() == "renewed"
 
 

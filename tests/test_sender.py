@@ -149,6 +149,28 @@ async def test_a_dead_token_mongodb_cannot_delete_is_still_recorded_and_the_rest
 
 
 @pytest.mark.anyio
+async def test_mongodb_failing_before_the_request_is_a_retry_not_a_crash(
+    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp, mongo: AsyncMongoClient[Doc]
+) -> None:
+    """The workspace token could not be read: nothing was sent, so the claim is freed and
+    the push retried, with no traceback counted as an unexpected error."""
+    [device] = await stored_devices(db, "gcm")
+    await fail_commands(mongo, mode={"times": 1}, failCommands=["find"], errorCode=BAD_VALUE)
+    unexpected_before = metric(
+        "streamer_pushes_total", provider="gateway", result="unexpected_error"
+    )
+    with capture_logs() as logs:
+        result = await make_sender().send(CONTENT, [device], FIRST)
+    assert isinstance(result, RetryAt) and "MongoDB unavailable" in result.error
+    assert "push_failed_unexpectedly" not in [line["event"] for line in logs]
+    assert metric("streamer_pushes_total", provider="gateway", result="unexpected_error") == (
+        unexpected_before
+    )
+    assert stub.received() == []
+    assert await db[SENT_LEDGER].count_documents({}) == 0  # the claim was freed
+
+
+@pytest.mark.anyio
 async def test_a_rejected_push_is_dropped_and_the_token_kept(
     make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp
 ) -> None:

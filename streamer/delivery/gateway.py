@@ -71,7 +71,7 @@ class WorkspaceToken:
         """The bearer token; raises `CredentialsError` when the workspace has none."""
         async with self._loading:  # a burst of pushes reads the database once
             if self._clock() >= self._valid_until:
-                await self._load()
+                await self._load_or_keep()
         if self._token is None:
             raise CredentialsError(f"no workspace access token stored: {UNREGISTERED}")
         return self._token
@@ -90,6 +90,23 @@ class WorkspaceToken:
     def invalidate(self) -> None:
         """The gateway refused the token: read it again before the next push."""
         self._valid_until = 0.0
+
+    async def _load_or_keep(self) -> None:
+        """MongoDB away keeps the token held for another RECHECK (Rocket.Chat renews it
+        well before it expires); every push waiting on the lock would otherwise ask
+        again, each for pymongo's whole server-selection wait. With none held, the
+        error is the push's: it was not sent."""
+        try:
+            await self._load()
+        except PyMongoError as exc:
+            if self._token is None:
+                raise
+            log.warning(
+                "workspace_token_reload_failed",
+                error=type(exc).__name__,
+                action=f"the token held is used for {RECHECK:.0f} s more",
+            )
+            self._valid_until = self._clock() + RECHECK
 
     async def _load(self) -> None:
         stored = await stored_workspace_token(self._db)

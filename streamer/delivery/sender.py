@@ -244,6 +244,9 @@ class PushSender:
         except CredentialsError as exc:
             self._credentials_failed(provider, exc)
             return _Failure(str(exc))
+        except PyMongoError as exc:  # reading the gateway's token, before any request
+            metrics.PUSHES.labels(provider, "temporary_error").inc()
+            return _Failure(f"MongoDB unavailable: {type(exc).__name__}")
         except Exception as exc:  # a provider bug must not take the daemon down
             log.exception("push_failed_unexpectedly", provider=provider, token_id=device.token_id)
             metrics.PUSHES.labels(provider, "unexpected_error").inc()
