@@ -16,7 +16,7 @@ import pytest
 
 from streamer.config import ConfigError, DeliveryConfig, FcmConfig
 from streamer.delivery.base import Device
-from streamer.delivery.direct import QUOTA_BACKOFF
+from streamer.delivery.direct import FAILED_MINT_HOLD, QUOTA_BACKOFF
 from streamer.delivery.errors import CredentialsError, Outcome, TemporaryDeliveryError
 from streamer.delivery.fcm import FCM_SCOPE, JWT_BEARER_GRANT, FcmPushkin, fcm_message
 from streamer.delivery.http import make_http_client
@@ -91,6 +91,36 @@ async def fcm_pushkin(
         pushkin = FcmPushkin(FcmConfig(**settings), client=client, clock=clock)
         yield pushkin, public_key
         await pushkin.aclose()
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [(Reply(status=503), TemporaryDeliveryError), (Reply(status=400), CredentialsError)],
+    ids=["token-server-down", "key-revoked"],
+)
+async def test_a_failed_token_request_answers_every_push_waiting_for_it(
+    tmp_path: Path, google: Google, clock: ManualClock, answer: Reply, error: type[Exception]
+) -> None:
+    """Each push waiting on the token lock tried again in turn, each for a whole timeout
+    when Google's token server hangs, or one request per push when the key is revoked."""
+    google.oauth.default = answer
+    failed: list[BaseException] = []
+
+    async def push() -> None:
+        try:
+            await pushkin.prepare()
+        except error as exc:
+            failed.append(exc)
+
+    async with fcm_pushkin(tmp_path, google, clock) as (pushkin, _):
+        async with anyio.create_task_group() as pushes:
+            for _ in range(8):
+                pushes.start_soon(push)
+        assert len(failed) == 8 and len(google.token_requests()) == 1
+        clock.advance(FAILED_MINT_HOLD)
+        google.oauth.default = access_token("token-2")
+        await pushkin.prepare()  # tried again once the failure is old enough
+    assert len(google.token_requests()) == 2
 
 
 async def test_sends_the_message_with_a_signed_oauth_token(

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import socket
+import threading
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import anyio
 import pytest
@@ -12,9 +16,10 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 from structlog.testing import capture_logs
 
-from streamer.config import DeliveryConfig
+from streamer.config import DeliveryConfig, FcmConfig
 from streamer.delivery.base import Device
 from streamer.delivery.errors import Outcome
+from streamer.delivery.fcm import FcmPushkin
 from streamer.delivery.gateway import GatewayPushkin, WorkspaceToken
 from streamer.delivery.http import InFlightCap, ProviderClient, make_http_client
 from streamer.delivery.ledger import SENT_LEDGER, SentLedger
@@ -29,8 +34,9 @@ from streamer.delivery.sender import (
 )
 from streamer.model import PUSH_TOKENS, PushToken
 from tests import factories
+from tests.credentials import write_service_account
 from tests.failpoints import BAD_VALUE, fail_commands
-from tests.servers import Reply, StubApp
+from tests.servers import Reply, StubApp, serve_connections
 from tests.test_gateway import CONTENT, NOW, Clock, store_workspace_token
 
 Doc = dict[str, object]
@@ -168,6 +174,52 @@ async def test_mongodb_failing_before_the_request_is_a_retry_not_a_crash(
     )
     assert stub.received() == []
     assert await db[SENT_LEDGER].count_documents({}) == 0  # the claim was freed
+
+
+def held_until(
+    asked: threading.Event, released: threading.Event
+) -> Callable[[socket.socket], None]:
+    """A token server that hangs until the test releases it, then fails."""
+
+    def answer(connection: socket.socket) -> None:
+        connection.recv(65536)
+        asked.set()
+        released.wait(60)
+        with contextlib.suppress(OSError):
+            connection.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+
+    return answer
+
+
+@pytest.mark.anyio
+async def test_a_push_waiting_for_its_token_holds_no_slot_another_provider_needs(
+    tmp_path: Path, db: AsyncDatabase[Doc], gateway_url: str, stub: StubApp, clock: Clock
+) -> None:
+    """One slot in flight. The Android push waits for Google's token server, which hangs;
+    the iPhone's push (here through the gateway) goes out meanwhile, not after it."""
+    await store_workspace_token(db, "workspace-token-1")
+    android, iphone = await stored_devices(db, "gcm", "apn")
+    asked, released = threading.Event(), threading.Event()
+    config = dataclasses.replace(CONFIG, timeout=60.0)
+    with serve_connections(held_until(asked, released)) as oauth_url:
+        path, _ = write_service_account(tmp_path, token_uri=f"{oauth_url}/token")
+        async with make_http_client(config) as client:
+            fcm = FcmPushkin(FcmConfig(service_account_file=str(path)), client=client)
+            gateway = GatewayPushkin(client, lambda: [gateway_url], WorkspaceToken(db, clock))
+            sender = PushSender(
+                {"gcm": fcm, "apn": gateway}, db, config, cap=InFlightCap(1),
+                ledger=SentLedger(db), clock=clock,
+            )  # fmt: skip
+            try:
+                async with anyio.create_task_group() as pushes:
+                    pushes.start_soon(sender.send, CONTENT, [android], FIRST)
+                    assert await anyio.to_thread.run_sync(asked.wait, 20)
+                    with anyio.fail_after(20):  # far below the 60 s the token wait may take
+                        assert await sender.send(CONTENT, [iphone], FIRST) == Delivered()
+                    released.set()
+            finally:
+                released.set()
+    assert [r.json()["token"] for r in stub.received()] == [iphone.token]
 
 
 @pytest.mark.anyio

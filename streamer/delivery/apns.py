@@ -115,6 +115,9 @@ class ApnsPushkin:
         self._clock = clock
         self._tokens = TokenCache(self._mint, clock, min_renewal=PROVIDER_TOKEN_MIN_RENEWAL)
 
+    async def prepare(self) -> None:
+        await self._tokens.get()
+
     async def dispatch(self, content: PushContent, device: Device) -> Outcome:
         topic = self._topic or device.app_name
         if not topic:

@@ -47,6 +47,11 @@ class Pushkin(Protocol):
     its delay) or `CredentialsError` (reload credentials, report).
     """
 
+    async def prepare(self) -> None:
+        """Have what a request needs besides a slot in flight (a bearer token), raising
+        as `dispatch` does: a push waiting for an OAuth server that hangs must not hold
+        a slot that another provider's pushes could use."""
+
     async def dispatch(self, content: PushContent, device: Device) -> Outcome: ...
 
     async def aclose(self) -> None: ...

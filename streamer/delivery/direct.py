@@ -8,6 +8,7 @@ that are cached and renewed before they expire.
 
 from __future__ import annotations
 
+import copy
 import math
 import stat
 from collections.abc import Awaitable, Callable
@@ -20,6 +21,7 @@ import httpx
 from streamer.config import ConfigError
 from streamer.delivery.errors import (
     TOO_MANY_REQUESTS,
+    DeliveryError,
     TemporaryDeliveryError,
     retry_after_seconds,
 )
@@ -28,6 +30,8 @@ from streamer.delivery.http import HttpClient, transport_failure
 Clock = Callable[[], float]
 #: Seconds to wait after a 429 that gives no Retry-After.
 QUOTA_BACKOFF = 60.0
+#: Seconds a failed token mint stands as the answer before another is tried.
+FAILED_MINT_HOLD = 10.0
 
 
 def load_secret_file(path: str, what: str) -> bytes:
@@ -66,7 +70,9 @@ class TokenCache:
     not once per push (FCM rate-limits token requests; APNs refuses provider
     tokens renewed more often than every 20 minutes). A refused token is renewed
     at most once per `min_renewal`: credentials that stay wrong then fail as such
-    instead of minting a token for every push.
+    instead of minting a token for every push. A failed mint is the answer for
+    `FAILED_MINT_HOLD` s: every push waiting on the lock would otherwise try again
+    in turn, each for a whole timeout when the token server hangs.
     """
 
     def __init__(
@@ -78,12 +84,25 @@ class TokenCache:
         self._token: BearerToken | None = None
         self._renewed_at = -math.inf
         self._lock = anyio.Lock()
+        self._failed: tuple[float, DeliveryError] | None = None
 
     async def get(self) -> str:
         async with self._lock:
             if self._token is None or self._clock() >= self._token.renew_at:
-                self._token = await self._mint()
+                self._token = await self._minted()
             return self._token.value
+
+    async def _minted(self) -> BearerToken:
+        now = self._clock()
+        if self._failed is not None and now - self._failed[0] < FAILED_MINT_HOLD:
+            raise copy.copy(self._failed[1])
+        try:
+            token = await self._mint()
+        except DeliveryError as exc:
+            self._failed = (now, exc)
+            raise
+        self._failed = None
+        return token
 
     async def renew(self, rejected: str) -> str | None:
         """A token to try instead of the `rejected` one; None when one was renewed too
@@ -95,7 +114,7 @@ class TokenCache:
             if now - self._renewed_at < self._min_renewal:
                 return None
             self._renewed_at = now
-            self._token = await self._mint()
+            self._token = await self._minted()
             return self._token.value
 
 

@@ -140,6 +140,9 @@ class FcmPushkin:
         self._send_url = f"{config.base_url.rstrip('/')}/v1/projects/{project_id}/messages:send"
         self._tokens = TokenCache(self._fetch_token, clock, min_renewal=ACCESS_TOKEN_MIN_RENEWAL)
 
+    async def prepare(self) -> None:
+        await self._tokens.get()
+
     async def dispatch(self, content: PushContent, device: Device) -> Outcome:
         body = orjson.dumps(fcm_message(content, device))
         token = await self._tokens.get()

@@ -178,6 +178,9 @@ class GatewayPushkin:
         self._token = token
         self._clock = clock
 
+    async def prepare(self) -> None:
+        await self._token.get()
+
     async def dispatch(self, content: PushContent, device: Device) -> Outcome:
         body = orjson.dumps(gateway_body(content, device))
         response = await self._post(device.kind, body)

@@ -230,6 +230,7 @@ class PushSender:
             return None
         started: float | None = None  # once a slot is free: the histogram is the provider's
         try:
+            await pushkin.prepare()
             async with self._cap.slot():
                 started = time.perf_counter()
                 outcome = await pushkin.dispatch(content, device)
