@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from streamer.config import DeliveryConfig, FcmConfig
 from streamer.delivery.base import Device
-from streamer.delivery.errors import Outcome
+from streamer.delivery.errors import REFUSALS_IN_A_ROW, Outcome
 from streamer.delivery.fcm import FcmPushkin
 from streamer.delivery.gateway import GatewayPushkin, WorkspaceToken
 from streamer.delivery.http import InFlightCap, ProviderClient, make_http_client
@@ -220,6 +220,32 @@ async def test_a_push_waiting_for_its_token_holds_no_slot_another_provider_needs
             finally:
                 released.set()
     assert [r.json()["token"] for r in stub.received()] == [iphone.token]
+
+
+@pytest.mark.anyio
+async def test_refusals_of_every_push_keep_the_tokens_and_say_why(
+    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp
+) -> None:
+    """A wrong topic or sandbox tokens sent to production: every push comes back "dead".
+    Past REFUSALS_IN_A_ROW with none through, no more tokens are deleted (each one would
+    cost a user a reinstall), the pushes are kept, and /readyz says why, until a push
+    goes through."""
+    devices = await stored_devices(db, *["gcm"] * (REFUSALS_IN_A_ROW + 5))
+    stub.default = Reply(406)
+    sender = make_sender()
+    result = await sender.send(CONTENT, devices, FIRST)
+    assert isinstance(result, RetryAt)
+    remaining = await db[PUSH_TOKENS].count_documents({})
+    assert remaining == len(devices) - (REFUSALS_IN_A_ROW - 1)
+    assert sender.problem is not None and "none went through" in sender.problem
+    stub.default = Reply(200)
+    [alive] = await stored_devices(db, "apn")
+    assert await sender.send(CONTENT, [alive], FIRST) == Delivered()
+    assert sender.problem is None
+    stub.default = Reply(406)
+    kept = [d for d in devices if await db[PUSH_TOKENS].count_documents({"_id": d.token_id})]
+    assert await sender.send(CONTENT, kept[:1], FIRST) == Delivered()  # deleted this time
+    assert await db[PUSH_TOKENS].count_documents({"_id": kept[0].token_id}) == 0
 
 
 @pytest.mark.anyio

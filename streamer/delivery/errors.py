@@ -75,6 +75,37 @@ class CredentialProblems:
         return "; ".join(self._problems[source] for source in sorted(self._problems)) or None
 
 
+#: Refusals in a row, with no push going through, that say more about the setup than
+#: about the phones: all the pushes of a wrong [apns] topic or FCM project, or of
+#: sandbox tokens sent to production, come back as dead tokens or refusals.
+REFUSALS_IN_A_ROW = 20
+
+
+class RefusalStreak:
+    """Per provider, final refusals (dead token, rejected) since a push last went
+    through. Past `REFUSALS_IN_A_ROW` they are not acted on: deleting every iOS token
+    because of a typo in the topic would cost every user a reinstall."""
+
+    def __init__(self) -> None:
+        self._refusals: dict[str, int] = {}
+
+    def answered(self, provider: str, outcome: Outcome) -> bool:
+        """Note the answer; True if it should be acted on."""
+        if outcome is Outcome.SENT:
+            self._refusals.pop(provider, None)
+            return True
+        self._refusals[provider] = self._refusals.get(provider, 0) + 1
+        return self._refusals[provider] < REFUSALS_IN_A_ROW
+
+    def problem(self, provider: str, outcome: Outcome) -> CredentialsError:
+        return CredentialsError(
+            f"{provider}: {REFUSALS_IN_A_ROW} pushes in a row were refused ({outcome.value}) "
+            "and none went through: a wrong [apns] topic, Push_production "
+            "(sandbox or production) or FCM project is likelier than that many dead phones; "
+            "the tokens are kept and the pushes retried until one goes through"
+        )
+
+
 def retry_after_seconds(header: str | None, now: float) -> float | None:
     """A Retry-After header (delta-seconds or HTTP-date) as seconds from `now`.
 

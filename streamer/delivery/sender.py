@@ -27,6 +27,7 @@ from streamer.delivery.errors import (
     CredentialProblems,
     CredentialsError,
     Outcome,
+    RefusalStreak,
     TemporaryDeliveryError,
 )
 from streamer.delivery.http import InFlightCap
@@ -154,6 +155,7 @@ class PushSender:
         self.retries = RetryPolicy(config, clock)
         #: Shared with the courier's email path: what makes delivery unhealthy (/readyz).
         self.credentials = CredentialProblems()
+        self._refusals = RefusalStreak()
 
     @property
     def problem(self) -> str | None:
@@ -255,6 +257,10 @@ class PushSender:
         finally:
             if started is not None:
                 metrics.PUSH_LATENCY.labels(provider).observe(time.perf_counter() - started)
+        if not self._refusals.answered(provider, outcome):
+            problem = self._refusals.problem(provider, outcome)
+            self._credentials_failed(provider, problem)
+            return _Failure(str(problem))
         self.credentials.answered(provider)  # it answered: its credentials work
         await self._record(content, device, provider, outcome)
         return None
