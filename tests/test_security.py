@@ -41,6 +41,7 @@ from streamer.config import (
 )
 from streamer.delivery.apns import ApnsPushkin
 from streamer.delivery.base import Device
+from streamer.delivery.direct import FAILED_MINT_HOLD
 from streamer.delivery.email import EmailContent, Mailer, SmtpServer
 from streamer.delivery.errors import Outcome
 from streamer.delivery.fcm import FcmPushkin
@@ -50,7 +51,7 @@ from streamer.devmongo import free_port
 from streamer.directory import DatabaseDirectory
 from streamer.model import SETTINGS, WORKSPACE_CREDENTIALS, Settings
 from tests import factories, securemongo
-from tests.credentials import write_apns_key, write_service_account
+from tests.credentials import ManualClock, write_apns_key, write_service_account
 from tests.securemongo import SecureMongo
 from tests.servers import Reply, StubApp, serve_http, serve_http2
 
@@ -506,8 +507,11 @@ async def test_fcm_key_and_tokens_never_in_logs_or_errors(tmp_path: Path) -> Non
         path, _ = write_service_account(tmp_path, token_uri=f"{oauth_url}/token")
         config = FcmConfig(service_account_file=str(path), base_url=fcm_url)
         async with make_http_client(DeliveryConfig()) as http:
-            pushkin = FcmPushkin(config, client=http)
-            seen = [await attempt(pushkin.dispatch(PUSH, DEVICE)) for _ in range(6)]
+            clock = ManualClock()
+            pushkin = FcmPushkin(config, client=http, clock=clock)
+            seen = [await attempt(pushkin.dispatch(PUSH, DEVICE))]
+            clock.advance(FAILED_MINT_HOLD)  # the refused mint is tried again from then on
+            seen += [await attempt(pushkin.dispatch(PUSH, DEVICE)) for _ in range(5)]
             await pushkin.aclose()
     assert "CredentialsError" in seen[0] and seen[-1] == repr(Outcome.SENT)
     assertions = [parse_qs(r.body.decode())["assertion"][0] for r in oauth.received("/token")]
