@@ -111,7 +111,7 @@ class Ingest:
         )
 
     async def on_reads(self, batch: Sequence[RoomRead | ThreadRead]) -> None:
-        await self._queue.clear_reads([(read.uid, read.rid) for read in batch])
+        await self._queue.clear_reads([(read.uid, read.rid, read.at) for read in batch])
 
     async def on_presence(self, batch: Sequence[PresenceChanged]) -> None:
         offline = [change.uid for change in batch if change.status == "offline"]

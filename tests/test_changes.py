@@ -8,6 +8,7 @@ without queries.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import pytest
@@ -15,8 +16,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from streamer.model import SUBSCRIPTIONS, USERS, User
 from streamer.sources.cache import CachedDirectory
-from streamer.sources.changes import presence_changes, subscription_reads
-from streamer.sources.events import ThreadRead
+from streamer.sources.changes import change_time, presence_changes, subscription_reads
+from streamer.sources.events import RoomRead, ThreadRead
 from tests import factories as f
 from tests.test_sources import directory_for
 
@@ -87,6 +88,37 @@ async def test_a_batch_read_again_reports_the_same_thread_reads(db: AsyncDatabas
     read_t1 = update(SUBSCRIPTIONS, subscription, {"tunread": ["t2"]})
     first, _ = subscription_reads(directory, [read_t1])
     again, learned = subscription_reads(directory, [read_t1])
-    assert first == again == [ThreadRead(ALICE["_id"], "GENERAL", "t1")]
+    assert first == again == [ThreadRead(ALICE["_id"], "GENERAL", "t1", change_time(read_t1))]
     learned.apply(directory)
     assert directory.previous_tunread(subscription["_id"]) == ("t2",)
+
+
+async def test_mark_as_unread_is_no_read(db: AsyncDatabase[Doc]) -> None:
+    """Rocket.Chat's "mark as unread" sets `ls` back to an older message's time, with
+    `alert` true; read as a read, it cleared the user's whole queue."""
+    subscription = f.subscription(ALICE, GENERAL)
+    directory = await seeded(db)
+    older = f.utcnow() - dt.timedelta(hours=1)
+    unread = update(SUBSCRIPTIONS, subscription, {"open": True, "alert": True, "ls": older})
+    read = update(SUBSCRIPTIONS, subscription, {"alert": False, "unread": 0, "ls": f.utcnow()})
+    reads, _ = subscription_reads(directory, [unread, read])
+    assert reads == [RoomRead(ALICE["_id"], "GENERAL", change_time(read))]
+
+
+async def test_a_thread_read_after_none_was_unread_is_seen(db: AsyncDatabase[Doc]) -> None:
+    """`tunread` emptied, then one thread added (reported as `tunread.0`) and read before
+    the stream looked the document up: "none unread" must be remembered to see it."""
+    subscription = f.subscription(ALICE, GENERAL, tunread=["t1"])
+    directory = await seeded(db)
+    directory.remember_tunread(subscription["_id"], ("t1",))
+    emptied = update(SUBSCRIPTIONS, subscription, {"tunread": []})
+    added = update(
+        SUBSCRIPTIONS, subscription, {"tunread.0": "t2"}, looked_up={**subscription, "tunread": []}
+    )
+    read = update(SUBSCRIPTIONS, subscription, {"tunread": []})
+    found = []
+    for change in (emptied, added, read):
+        reads, learned = subscription_reads(directory, [change])
+        learned.apply(directory)
+        found += [r.tmid for r in reads if isinstance(r, ThreadRead)]
+    assert found == ["t1", "t2"]

@@ -53,18 +53,24 @@ def test_putting_a_key_again_moves_it() -> None:
     assert drain(schedule) == ["b", "a"]
 
 
-def test_removing_a_user_leaves_the_others() -> None:
+def test_a_read_of_every_room_leaves_the_other_users() -> None:
     schedule = Schedule(
         [slot("a", 1, uid="u1"), slot("b", 2, uid="u2"), slot("c", 3, uid="u1", rid="r2")]
     )
-    assert sorted(schedule.remove_user("u1")) == ["a", "c"]
+    assert sorted(schedule.remove_read("u1", None, read_at=0)) == ["a", "c"]
     assert drain(schedule) == ["b"]
 
 
-def test_removing_a_room_leaves_the_users_other_rooms() -> None:
+def test_a_read_of_a_room_leaves_the_users_other_rooms() -> None:
     schedule = Schedule([slot("a", 1, rid="r1"), slot("b", 2, rid="r2"), slot("c", 3, rid="r1")])
-    assert sorted(schedule.remove_room("u1", "r1")) == ["a", "c"]
+    assert sorted(schedule.remove_read("u1", "r1", read_at=0)) == ["a", "c"]
     assert drain(schedule) == ["b"]
+
+
+def test_a_read_leaves_what_was_created_after_it() -> None:
+    schedule = Schedule([slot("before", 1, created_at=5), slot("after", 2, created_at=7)])
+    assert schedule.remove_read("u1", None, read_at=6) == ["before"]
+    assert drain(schedule) == ["after"]
 
 
 def test_bring_forward_skips_entries_being_retried() -> None:
@@ -99,8 +105,12 @@ operations = st.lists(
             st.sampled_from(USERS),
             st.sampled_from(ROOMS),
         ),
-        st.tuples(st.just("remove_user"), st.sampled_from(USERS)),
-        st.tuples(st.just("remove_room"), st.sampled_from(USERS), st.sampled_from(ROOMS)),
+        st.tuples(
+            st.just("remove_read"),
+            st.sampled_from(USERS),
+            st.none() | st.sampled_from(ROOMS),
+            times,  # read at
+        ),
         st.tuples(st.just("remove"), st.integers(0, 30)),
         st.tuples(st.just("bring_forward"), st.sampled_from(USERS), times),
         st.tuples(st.just("pop"), times),
@@ -121,14 +131,14 @@ def test_schedule_matches_a_sorted_list(ops: list[tuple[object, ...]]) -> None:
             new = slot(key, float(due), float(created), str(uid), str(rid))  # type: ignore[arg-type]
             schedule.put(new)
             model[key] = new
-        elif op == "remove_user":
-            gone = [k for k, s in model.items() if s.uid == args[0]]
-            assert sorted(schedule.remove_user(str(args[0]))) == sorted(gone)
-            for k in gone:
-                del model[k]
-        elif op == "remove_room":
-            gone = [k for k, s in model.items() if (s.uid, s.rid) == tuple(args)]
-            assert sorted(schedule.remove_room(str(args[0]), str(args[1]))) == sorted(gone)
+        elif op == "remove_read":
+            uid, rid, at = str(args[0]), args[1], float(args[2])  # type: ignore[arg-type]
+            gone = [
+                k
+                for k, s in model.items()
+                if s.uid == uid and s.created_at <= at and rid in (None, s.rid)
+            ]
+            assert sorted(schedule.remove_read(uid, rid, at)) == sorted(gone)  # type: ignore[arg-type]
             for k in gone:
                 del model[k]
         elif op == "remove":

@@ -271,7 +271,7 @@ async def test_read_clears_all_rooms_of_the_user(
     await queue.add([entry(clock, rid="r1", due_in=60), entry(clock, rid="r2", due_in=60)])
     await queue.add([other_user])
     before = sample("streamer_queue_cleared_total")
-    assert await queue.clear_reads([("u1", "r1")]) == 2
+    assert await queue.clear_reads([("u1", "r1", clock.now)]) == 2
     assert sample("streamer_queue_cleared_total") == before + 2
     assert [d["uid"] async for d in collection.find()] == ["u2"]
     clock.now += 60
@@ -285,9 +285,28 @@ async def test_read_clears_only_that_room_when_configured(
     queue = await make_queue(clear_on_read="room")
     other_room = entry(clock, rid="r2", due_in=60)
     await queue.add([entry(clock, rid="r1", due_in=60), other_room])
-    assert await queue.clear_reads([("u1", "r1")]) == 1
+    assert await queue.clear_reads([("u1", "r1", clock.now)]) == 1
     clock.now += 60
     assert await deliver_all(queue, 1) == [other_room.mid]
+
+
+@pytest.mark.parametrize("clear_on_read", ["user", "room"])
+async def test_a_read_leaves_what_was_sent_after_it(
+    make_queue: QueueFactory, clock: Clock, collection: AsyncCollection[Doc], clear_on_read: str
+) -> None:
+    """Messages and reads come by different streams, in either order: a message sent
+    just after the read may be queued before the read is handled. It is still unread."""
+    queue = await make_queue(clear_on_read=clear_on_read)
+    read_at = clock.now
+    before = entry(clock, rid="r1", due_in=60, age=1)
+    at_the_read = entry(clock, rid="r1", due_in=60)
+    clock.now += 0.005  # the next message, 5 ms after the read
+    later = entry(clock, rid="r1", due_in=60)
+    await queue.add([before, at_the_read, later])
+    assert await queue.clear_reads([("u1", "r1", read_at)]) == 2  # up to the read's instant
+    assert [d["mid"] async for d in collection.find()] == [later.mid]
+    clock.now += 60
+    assert await deliver_all(queue, 1) == [later.mid]
 
 
 async def test_going_offline_brings_delayed_entries_forward(
@@ -333,7 +352,7 @@ async def test_a_batch_of_reads_or_of_users_going_offline_is_one_write(
         await queue.add([entry(clock, uid=uid, rid=f"r-{uid}", due_in=120) for uid in users])
         commands.commands.clear()
         assert await queue.users_offline(users[:10]) == 10
-        assert await queue.clear_reads([(uid, f"r-{uid}") for uid in users[10:]]) == 10
+        assert await queue.clear_reads([(uid, f"r-{uid}", clock.now) for uid in users[10:]]) == 10
         assert commands.commands == ["update", "delete"]
         assert queue.next_due_at() == clock.now and len(queue) == 10
 

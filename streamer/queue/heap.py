@@ -123,20 +123,17 @@ class Schedule:
         self._forgotten(uid, entries, 1)
         return True
 
-    def remove_user(self, uid: str) -> list[str]:
-        """Remove the user's entries; their keys."""
+    def remove_read(self, uid: str, rid: str | None, read_at: float) -> list[str]:
+        """Remove the user's entries created up to `read_at`, of room `rid` or of every
+        room (None); their keys. What came after the read is still unread."""
         if self._journal is not None:
-            self._journal.append(lambda schedule: schedule.remove_user(uid))
-        entries = self._users.pop(uid, {})
-        self._forgotten(uid, entries, len(entries))
-        return list(entries)
-
-    def remove_room(self, uid: str, rid: str) -> list[str]:
-        """Remove the user's entries of one room; their keys."""
-        if self._journal is not None:
-            self._journal.append(lambda schedule: schedule.remove_room(uid, rid))
+            self._journal.append(lambda schedule: schedule.remove_read(uid, rid, read_at))
         entries = self._users.get(uid, {})
-        keys = [key for key, slot in entries.items() if slot.rid == rid]
+        keys = [
+            key
+            for key, slot in entries.items()
+            if slot.created_at <= read_at and (rid is None or slot.rid == rid)
+        ]
         for key in keys:
             del entries[key]
         self._forgotten(uid, entries, len(keys))

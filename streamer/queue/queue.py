@@ -35,7 +35,7 @@ from streamer.config import QueueConfig
 from streamer.directory import parse_or_log
 from streamer.queue.entry import Entry, uid_of
 from streamer.queue.heap import Schedule, Slot, make_slot
-from streamer.queue.store import Doc, QueueStore, entry_slot, parse_entry, parse_slot
+from streamer.queue.store import Doc, QueueStore, Read, entry_slot, parse_entry, parse_slot
 
 log = structlog.get_logger("streamer.queue")
 
@@ -153,16 +153,14 @@ class Queue:
             await self._resync(unknown)
         self._changed_now()
 
-    async def clear_reads(self, reads: Sequence[tuple[str, str]]) -> int:
-        """Users read rooms (uid, rid): remove their queued entries (all of the user's, or
-        that room's), in one write for the batch."""
+    async def clear_reads(self, reads: Sequence[Read]) -> int:
+        """Users read rooms (uid, rid, at): remove their entries queued before the read
+        (all of the user's, or that room's), in one write for the batch. A message that
+        came after the read, handled first by the other stream, stays queued."""
         whole_user = self._config.clear_on_read != "room"
         cleared = await self._store.delete_read(reads, whole_user=whole_user)
-        for uid, rid in reads:
-            if whole_user:
-                removed = self._schedule.remove_user(uid)
-            else:
-                removed = self._schedule.remove_room(uid, rid)
+        for uid, rid, at in reads:
+            removed = self._schedule.remove_read(uid, None if whole_user else rid, at)
             for key in removed:  # an owned entry is in the schedule until it is taken
                 self._owned.pop(key, None)
             if removed:

@@ -43,6 +43,8 @@ QUEUED_BY = "queued_by"
 #: Which lease write took the entry: how a batch lease reads back what it got.
 LEASE_ID = "lease_id"
 _KINDS: frozenset[str] = frozenset({"push", "email"})
+#: A read: who, which room, and when (MongoDB's time, as entries' `created_at`).
+Read = tuple[str, str, float]
 
 
 def to_document(entry: Entry, owner: str | None = None, lease_until: float = 0.0) -> Doc:
@@ -270,15 +272,20 @@ class QueueStore:
         would make the queue's command rate, not the provider, the limit."""
         await self._deletes.run([DeleteOne({"_id": key})])
 
-    async def delete_read(self, reads: Sequence[tuple[str, str]], *, whole_user: bool) -> int:
-        """Delete what the reads clear: the users' entries, or those of the rooms read."""
-        if not reads:
+    async def delete_read(self, reads: Sequence[Read], *, whole_user: bool) -> int:
+        """Delete what the reads clear: the users' entries, or those of the rooms read,
+        created up to the (latest) read."""
+        latest: dict[tuple[str, str | None], float] = {}
+        for uid, rid, at in reads:
+            key = (uid, None if whole_user else rid)
+            latest[key] = max(at, latest.get(key, at))
+        if not latest:
             return 0
-        if whole_user:
-            query: Doc = {"uid": {"$in": sorted({uid for uid, _ in reads})}}
-        else:
-            query = {"$or": [{"uid": uid, "rid": rid} for uid, rid in sorted(set(reads))]}
-        result = await self.collection.delete_many(query)
+        clauses: list[Doc] = [
+            {"uid": uid, **({} if rid is None else {"rid": rid}), "created_at": {"$lte": at}}
+            for (uid, rid), at in sorted(latest.items(), key=lambda item: item[0][0])
+        ]
+        result = await self.collection.delete_many({"$or": clauses})
         return result.deleted_count
 
     async def bring_forward(self, uids: list[str], due_at: float) -> int:

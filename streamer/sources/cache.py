@@ -446,10 +446,9 @@ class CachedDirectory:
         return None if member is None else member.tunread
 
     def remember_tunread(self, subscription_id: str, tunread: tuple[str, ...]) -> None:
-        if tunread:
-            self._tunread.put(subscription_id, tunread)
-        else:
-            self._tunread.pop(subscription_id)
+        """Empty too: "none unread" is what the next thread's `tunread.0` is read against;
+        forgotten, the looked-up document (already past that thread's read) stood in."""
+        self._tunread.put(subscription_id, tunread)
 
     # --- internals -------------------------------------------------------------
 

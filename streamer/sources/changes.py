@@ -154,12 +154,20 @@ def _subscription_updated(
         log.debug("read_of_unknown_subscription", subscription_id=subscription_id)
         return []
     uid, rid = owner
+    at = change_time(change)
     reads: list[RoomRead | ThreadRead] = []
-    if "ls" in updated or updated.get("unread") == 0:
-        reads.append(RoomRead(uid=uid, rid=rid, ls=to_epoch(updated.get("ls"))))
+    if _room_read(updated):
+        reads.append(RoomRead(uid, rid, at))
     if previous is not None and tunread is not None:
-        reads.extend(ThreadRead(uid, rid, tmid) for tmid in previous if tmid not in tunread)
+        reads.extend(ThreadRead(uid, rid, tmid, at) for tmid in previous if tmid not in tunread)
     return reads
+
+
+def _room_read(updated: Mapping[str, Any]) -> bool:
+    """Rocket.Chat's read sets `ls` to now and `alert` false; "mark as unread" sets `ls`
+    back to an older message's time, with `alert` true: no read at all."""
+    marked_unread = updated.get("alert") is True
+    return ("ls" in updated or updated.get("unread") == 0) and not marked_unread
 
 
 def _follow_tunread(

@@ -20,7 +20,9 @@ class RoomRead:
 
     uid: str
     rid: str
-    ls: float | None
+    #: Server time of the read (the change's wallTime), epoch seconds: what was
+    #: queued before it is read; what came after it is not.
+    at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +32,8 @@ class ThreadRead:
     uid: str
     rid: str
     tmid: str
+    #: As `RoomRead.at`.
+    at: float
 
 
 @dataclass(frozen=True, slots=True)
