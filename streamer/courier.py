@@ -21,7 +21,6 @@ from pymongo.errors import PyMongoError
 
 from streamer.config import Config
 from streamer.delivery.email import Mailer, SmtpServer, email_content
-from streamer.delivery.errors import CredentialsError, DeliveryError, TemporaryDeliveryError
 from streamer.delivery.payload import build_push_content
 from streamer.delivery.sender import (
     Attempts,
@@ -237,19 +236,8 @@ class Courier:
         content = email_content(message, room, recipient, settings, users.get(message.sender.id))
         if content is None:
             return "no_email_address"
-        try:
-            await Mailer(server).send(content)
-        except DeliveryError as exc:
-            # SMTP down, or its login refused (an operator fixes that): keep the mail and retry.
-            if isinstance(exc, CredentialsError) and self._sender.credentials.failed("email", exc):
-                log.error("email_credentials_invalid", error=str(exc))
-            retry_after = exc.retry_after if isinstance(exc, TemporaryDeliveryError) else None
-            attempts = Attempts(entry.attempts, entry.first_failure_at)
-            return self._sender.retries.after_failure(
-                str(exc), retry_after, attempts, channel="email"
-            )
-        self._sender.credentials.answered("email")
-        return Delivered()
+        attempts = Attempts(entry.attempts, entry.first_failure_at)
+        return await self._sender.send_mail(Mailer(server), content, attempts)
 
     async def _settle(self, entry: Entry, result: Result) -> None:
         if isinstance(result, Delivered):

@@ -249,6 +249,26 @@ async def test_refusals_of_every_push_keep_the_tokens_and_say_why(
 
 
 @pytest.mark.anyio
+async def test_a_push_cut_short_by_the_end_of_the_grace_is_retried_not_lost(
+    make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp
+) -> None:
+    """`shutdown_grace` ran out while the gateway was still answering. Left "sending",
+    the default `unknown_outcome` would never send it again: a push lost on every
+    graceful stop with a slow provider. It is retried, as after a timeout."""
+    [device] = await stored_devices(db, "gcm")
+    stub.script("/push/gcm/send", Reply(delay=5.0))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(make_sender().send, CONTENT, [device], FIRST)
+        with anyio.fail_after(10):
+            while not stub.received():  # noqa: ASYNC110
+                await anyio.sleep(0.01)  # the request is in flight: a condition to wait on
+        tg.cancel_scope.cancel()
+    assert await db[SENT_LEDGER].count_documents({}) == 0
+    assert await make_sender().send(CONTENT, [device], FIRST) == Delivered()
+    assert len(stub.received()) == 2
+
+
+@pytest.mark.anyio
 async def test_a_rejected_push_is_dropped_and_the_token_kept(
     make_sender: MakeSender, db: AsyncDatabase[Doc], stub: StubApp
 ) -> None:

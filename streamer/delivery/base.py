@@ -17,6 +17,17 @@ class Device:
     app_name: str | None = None
 
 
+class Recipient(Protocol):
+    """What the sent ledger keys a delivery by, besides the user and the message: a
+    device's token, or a mail address (`MailTarget`)."""
+
+    @property
+    def token(self) -> str: ...
+
+    @property
+    def token_id(self) -> str: ...
+
+
 @dataclass(frozen=True, slots=True)
 class PushContent:
     """What a push says, provider-neutral; built by `delivery.payload` (pure)."""

@@ -116,6 +116,18 @@ class EmailContent:
         return f"{self.room_url}/{PREFERENCES_TAB}"
 
 
+@dataclass(frozen=True, slots=True)
+class MailTarget:
+    """A mail address as the sent ledger keys it, beside device tokens."""
+
+    address: str
+    token_id: str = "email"
+
+    @property
+    def token(self) -> str:
+        return f"mailto:{self.address}"
+
+
 def email_content(
     message: Message, room: Room, recipient: User, settings: Settings, sender: User | None
 ) -> EmailContent | None:

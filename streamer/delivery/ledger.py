@@ -1,4 +1,5 @@
-"""One push per (user, message, device token), across crashes and restarts.
+"""One push per (user, message, device token), and one mail per (user, message,
+address), across crashes, restarts, replays and instances.
 
 Before a push goes out, `claim` inserts a record `{_id: {uid, mid, token},
 state: "sending"}`; the unique `_id` makes the insert the claim, so a push
@@ -49,18 +50,19 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from pymongo import DeleteOne, InsertOne, UpdateOne, WriteConcern
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
 
-from streamer.delivery.base import Device
+from streamer.delivery.base import Recipient
 from streamer.delivery.errors import Outcome
 from streamer.groupcommit import GroupCommit
 
 log = structlog.get_logger("streamer.delivery.ledger")
+R = TypeVar("R", bound=Recipient)
 Doc = dict[str, Any]
 
 SENT_LEDGER = "streamer_sent"
@@ -87,7 +89,7 @@ def ledger_ttl(max_age: float) -> float:
     return max(DEFAULT_TTL, max_age + LAST_ATTEMPT_MARGIN)
 
 
-def _key(uid: str, mid: str, device: Device) -> Doc:
+def _key(uid: str, mid: str, device: Recipient) -> Doc:
     return {"uid": uid, "mid": mid, "token": device.token}
 
 
@@ -128,9 +130,7 @@ class SentLedger:
                 index={"keyPattern": {"at": 1}, "expireAfterSeconds": self._ttl},
             )
 
-    async def claim(
-        self, uid: str, mid: str, devices: Sequence[Device], now: float
-    ) -> list[Device]:
+    async def claim(self, uid: str, mid: str, devices: Sequence[R], now: float) -> list[R]:
         """The devices this attempt may push to; the others were pushed before, or are
         being pushed by another attempt in this process. Call `end` when the attempt ends."""
         await self._write_answers(uid, mid, devices, now)
@@ -140,7 +140,7 @@ class SentLedger:
             if (uid, mid, d.token) not in self._live and (uid, mid, d.token) not in self._unwritten
         ]
         self._live.update((uid, mid, d.token) for d in devices)
-        claimed: list[Device] = []
+        claimed: list[R] = []
         try:
             records = [_claim_record(uid, mid, d, now) for d in devices]
             codes = await self._writes.run([InsertOne(record) for record in records])
@@ -153,12 +153,12 @@ class SentLedger:
             self.end(uid, mid, [d for d in devices if d not in claimed])
         return claimed
 
-    def end(self, uid: str, mid: str, devices: Sequence[Device]) -> None:
+    def end(self, uid: str, mid: str, devices: Sequence[Recipient]) -> None:
         """The attempt that claimed `devices` is over, however it ended."""
         self._live.difference_update((uid, mid, d.token) for d in devices)
 
     async def finish(
-        self, uid: str, mid: str, device: Device, outcome: Outcome, now: float
+        self, uid: str, mid: str, device: Recipient, outcome: Outcome, now: float
     ) -> None:
         """A final answer arrived: never push this message to this device again.
 
@@ -173,7 +173,7 @@ class SentLedger:
         self._unwritten.pop((uid, mid, device.token), None)
 
     async def _write_answers(
-        self, uid: str, mid: str, devices: Sequence[Device], now: float
+        self, uid: str, mid: str, devices: Sequence[Recipient], now: float
     ) -> None:
         """Write the marks `finish` could not, for the devices about to be claimed."""
         answered = {
@@ -189,7 +189,7 @@ class SentLedger:
         for token in answered:
             self._unwritten.pop((uid, mid, token), None)
 
-    async def release(self, uid: str, mid: str, device: Device) -> None:
+    async def release(self, uid: str, mid: str, device: Recipient) -> None:
         """A temporary failure: the push did not go out, so a retry may claim it."""
         self.end(uid, mid, [device])
         key = (uid, mid, device.token)
@@ -229,7 +229,7 @@ def _bound(remembered: dict[Any, Any]) -> None:
         del remembered[next(iter(remembered))]
 
 
-def _claim_record(uid: str, mid: str, device: Device, now: float) -> Doc:
+def _claim_record(uid: str, mid: str, device: Recipient, now: float) -> Doc:
     return {
         "_id": _key(uid, mid, device),
         "state": SENDING,
@@ -238,6 +238,6 @@ def _claim_record(uid: str, mid: str, device: Device, now: float) -> Doc:
     }
 
 
-def _finish_op(uid: str, mid: str, device: Device, outcome: Outcome, now: float) -> UpdateOne:
+def _finish_op(uid: str, mid: str, device: Recipient, outcome: Outcome, now: float) -> UpdateOne:
     update = {"$set": {"state": SENT, "outcome": outcome.value, "at": _date(now)}}
     return UpdateOne({"_id": _key(uid, mid, device)}, update)

@@ -22,10 +22,12 @@ from pymongo.errors import PyMongoError
 
 from streamer import metrics
 from streamer.config import DeliveryConfig
-from streamer.delivery.base import Device, PushContent, Pushkin
+from streamer.delivery.base import Device, PushContent, Pushkin, Recipient
+from streamer.delivery.email import EmailContent, Mailer, MailTarget
 from streamer.delivery.errors import (
     CredentialProblems,
     CredentialsError,
+    DeliveryError,
     Outcome,
     RefusalStreak,
     TemporaryDeliveryError,
@@ -237,9 +239,7 @@ class PushSender:
                 started = time.perf_counter()
                 outcome = await pushkin.dispatch(content, device)
         except anyio.get_cancelled_exc_class():
-            if started is None:  # surely not sent: free the claim, so no one skips it
-                with anyio.CancelScope(shield=True), contextlib.suppress(PyMongoError):
-                    await self._ledger.release(content.uid, content.mid, device)
+            await self._release_cut_short(content.uid, content.mid, device)
             raise
         except TemporaryDeliveryError as exc:
             metrics.PUSHES.labels(provider, "temporary_error").inc()
@@ -264,6 +264,40 @@ class PushSender:
         self.credentials.answered(provider)  # it answered: its credentials work
         await self._record(content, device, provider, outcome)
         return None
+
+    async def _release_cut_short(self, uid: str, mid: str, recipient: Recipient) -> None:
+        """A delivery cancelled (the end of `shutdown_grace`) is retried, like a timeout:
+        before its request it was surely not sent; during it, the provider may or may not
+        have taken it, and left "sending" the default `unknown_outcome` would drop it."""
+        with anyio.CancelScope(shield=True), contextlib.suppress(PyMongoError):
+            await self._ledger.release(uid, mid, recipient)
+
+    async def send_mail(
+        self, mailer: Mailer, content: EmailContent, attempts: Attempts
+    ) -> SendResult:
+        """One mail, at most once per (user, message, address) as a push is per device:
+        an entry queued again after its mail went out (a replayed batch, another
+        instance's late stream) finds it sent in the ledger."""
+        target = MailTarget(content.to)
+        if not await self._ledger.claim(content.uid, content.mid, [target], self._clock()):
+            return Delivered()
+        try:
+            outcome = await mailer.send(content)
+        except anyio.get_cancelled_exc_class():
+            await self._release_cut_short(content.uid, content.mid, target)
+            raise
+        except DeliveryError as exc:
+            # SMTP down, or refusing us (an operator fixes that): keep the mail, retry.
+            await self._ledger.release(content.uid, content.mid, target)
+            if isinstance(exc, CredentialsError) and self.credentials.failed("email", exc):
+                log.error("email_credentials_invalid", error=str(exc))
+            retry_after = exc.retry_after if isinstance(exc, TemporaryDeliveryError) else None
+            return self.retries.after_failure(str(exc), retry_after, attempts, channel="email")
+        finally:
+            self._ledger.end(content.uid, content.mid, [target])
+        self.credentials.answered("email")
+        await self._ledger.finish(content.uid, content.mid, target, outcome, self._clock())
+        return Delivered()
 
     async def _record(
         self, content: PushContent, device: Device, provider: str, outcome: Outcome

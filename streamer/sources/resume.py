@@ -12,7 +12,7 @@ between were handled by that instance, or are handled again (idempotent), and
 none is skipped. The messages stream goes further: an instance restarting
 behind another resumes at the other's newer token, since every message before
 it is durably queued by that instance already, and a message queued again after
-its entry was delivered would mail twice (no ledger guards email). Not across a
+its entry was delivered costs a lookup and a refused ledger claim. Not across a
 lost history, though: an instance whose position fell off the oplog went on from
 "now", the loss is kept in its position (`history_lost_at`), and an instance
 behind that instant reads on from its own.
@@ -123,8 +123,9 @@ class ResumeTokens:
     async def save(self, stream: str, token: Mapping[str, Any]) -> None:
         """Only ever forward. Instances without an `instance_id` share one position, and
         one behind would move it back: a restart would then queue again messages whose
-        entries were delivered since (mail twice). Behind the saved token, the save is
-        left out; this process still resumes from its own token on a reconnect."""
+        entries were delivered since (each a lookup and a refused ledger claim). Behind
+        the saved token, the save is left out; this process still resumes from its own
+        token on a reconnect."""
         self._held[stream] = Position(token)
         behind_this_one = [
             {"token": {"$exists": False}},
