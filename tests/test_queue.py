@@ -309,6 +309,24 @@ async def test_a_read_leaves_what_was_sent_after_it(
     assert await deliver_all(queue, 1) == [later.mid]
 
 
+async def test_a_message_handled_after_a_later_read_is_not_queued(
+    make_queue: QueueFactory, clock: Clock, collection: AsyncCollection[Doc]
+) -> None:
+    """The other way round: the user read every room at `read_at`; a message of another
+    room inserted just before it comes late (its stream behind). Rocket.Chat, clearing
+    the user's queue at the read, never sends it; the fire-time re-check, looking at
+    that room alone, would."""
+    queue = await make_queue(clear_on_read="user")
+    read_at = clock.now
+    assert await queue.clear_reads([("u1", "r1", read_at)]) == 0
+    before_the_read = entry(clock, rid="r2", due_in=60, age=0.005)
+    after_the_read = dataclasses.replace(entry(clock, rid="r2", due_in=60), created_at=read_at + 1)
+    other_user = entry(clock, uid="u2", rid="r2", due_in=60, age=0.005)
+    await queue.add([before_the_read, after_the_read, other_user])
+    assert {d["mid"] async for d in collection.find()} == {after_the_read.mid, other_user.mid}
+    assert len(queue) == 2
+
+
 async def test_going_offline_brings_delayed_entries_forward(
     make_queue: QueueFactory, clock: Clock
 ) -> None:

@@ -35,6 +35,7 @@ from streamer.config import QueueConfig
 from streamer.directory import parse_or_log
 from streamer.queue.entry import Entry, uid_of
 from streamer.queue.heap import Schedule, Slot, make_slot
+from streamer.queue.reads import RecentReads
 from streamer.queue.store import Doc, QueueStore, Read, entry_slot, parse_entry, parse_slot
 
 log = structlog.get_logger("streamer.queue")
@@ -68,6 +69,7 @@ class Queue:
         #: Entries this instance inserted already leased to itself, with that lease's
         #: expiry: taken while half the lease is left, they need no lease write.
         self._owned: dict[str, tuple[Entry, float]] = {}
+        self._reads = RecentReads(whole_user=config.clear_on_read != "room")
         self._changed: anyio.Event | None = None
         self._synced_at: Timestamp | None = None
         self._parse_slot = functools.partial(parse_slot, instance_id=instance_id)
@@ -128,6 +130,7 @@ class Queue:
         reported an error, or it was queued by another instance whose insert the
         follower has not shown yet.
         """
+        entries = self._unread(entries)
         now = self._clock()
         until = now + self._config.lease_seconds
         due_now = {entry.id for entry in entries if entry.due_at <= now}
@@ -153,6 +156,21 @@ class Queue:
             await self._resync(unknown)
         self._changed_now()
 
+    def _unread(self, entries: Sequence[Entry]) -> list[Entry]:
+        """Leave out entries a read already handled would have cleared (`RecentReads`)."""
+        unread: list[Entry] = []
+        for entry in entries:
+            if not self._reads.cleared(entry):
+                unread.append(entry)
+                continue
+            log.info(
+                "queue_cleared_on_read",
+                uid=entry.uid, rid=entry.rid, mid=entry.mid, cleared=1,
+                when="read before its message was handled",
+            )  # fmt: skip
+            metrics.QUEUE_CLEARED.inc()
+        return unread
+
     async def clear_reads(self, reads: Sequence[Read]) -> int:
         """Users read rooms (uid, rid, at): remove their entries queued before the read
         (all of the user's, or that room's), in one write for the batch. A message that
@@ -160,6 +178,7 @@ class Queue:
         whole_user = self._config.clear_on_read != "room"
         cleared = await self._store.delete_read(reads, whole_user=whole_user)
         for uid, rid, at in reads:
+            self._reads.note(uid, rid, at)
             removed = self._schedule.remove_read(uid, None if whole_user else rid, at)
             for key in removed:  # an owned entry is in the schedule until it is taken
                 self._owned.pop(key, None)
